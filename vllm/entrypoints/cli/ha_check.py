@@ -80,3 +80,19 @@ class HACheckSubcommand(CLISubcommand):
 
 def cmd_init() -> list[CLISubcommand]:
     return [HACheckSubcommand()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vllm.entrypoints.cli.ha_check``: the same report without building
+    every other subcommand's parser (``vllm serve``'s needs a detectable device,
+    which a Docker build or a driver-less host does not have)."""
+    parser = argparse.ArgumentParser(prog="vllm")
+    command = HACheckSubcommand()
+    command.subparser_init(parser.add_subparsers())
+    args = parser.parse_args(["ha-check", *(sys.argv[1:] if argv is None else argv)])
+    command.validate(args)
+    command.cmd(args)
+
+
+if __name__ == "__main__":
+    main()
