@@ -16,4 +16,4 @@ echo "== vLLM-HA: extra wheels (NIXL, nvCOMP)"
 echo "== vLLM-HA: patch series + modules onto $SITE/vllm"
 (cd "$HA_ROOT" && "$PY" -m habuild apply --site "$SITE")
 echo "== vLLM-HA: preflight (informational: no GPU while the image builds)"
-"$PY" -m vllm.entrypoints.cli.ha_check
+"$PY" -m vllm.entrypoints.cli.main ha-check

@@ -37,7 +37,7 @@ def vllm_cli() -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, **SERVE_ENV, **({} if ON_CUDA else CPU_ENV)}
     env.update(extra)
     return env
@@ -62,7 +62,7 @@ class RemoteServer:
                *args, *extra]
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env or test_env(), start_new_session=True)
+                                     env=env or child_env(), start_new_session=True)
         self._wait_healthy(startup_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
@@ -109,7 +109,7 @@ class RemoteServer:
 
 def make_tiny_model(dest: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(dest)],
-                   check=True, capture_output=True, env=test_env())
+                   check=True, capture_output=True, env=child_env())
     return dest
 
 
