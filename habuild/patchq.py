@@ -39,9 +39,13 @@ _GIT_ENV = {"GIT_AUTHOR_NAME": "vllm-ha", "GIT_AUTHOR_EMAIL": "vllm-ha@localhost
             "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
 
 
+def _git_env() -> dict[str, str]:
+    return {**os.environ, **_GIT_ENV}
+
+
 def git(*args: str, cwd: Path = WORK, check: bool = True) -> str:
-    env = {**os.environ, **_GIT_ENV}
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["git", *args], cwd=cwd, env=_git_env(), capture_output=True,
+                          text=True)
     if check and proc.returncode != 0:
         raise BuildError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -157,7 +161,7 @@ def export(out: Path, work: Path = WORK, repo: Path = REPO) -> list[Path]:
     git("checkout", "-q", "-B", "ha-export", TAG, cwd=work)
     try:
         for sha in commits:
-            git("cherry-pick", "-q", sha, cwd=work)
+            git("cherry-pick", sha, cwd=work)
             header = _header_from_commit(sha, work)
             files = header.get("Overlay", "").split()
             for rel in files:
@@ -175,7 +179,7 @@ def export(out: Path, work: Path = WORK, repo: Path = REPO) -> list[Path]:
             git("commit", "-q", "-m", "vllm-ha: add the remaining HA modules\n\n"
                 "Why: modules the hooks above call into", cwd=work)
         out.mkdir(parents=True, exist_ok=True)
-        names = git("format-patch", "-q", "-o", str(out.resolve()), TAG, cwd=work).split()
+        names = git("format-patch", "-o", str(out.resolve()), TAG, cwd=work).split()
     finally:
         git("checkout", "-q", branch, cwd=work)
     print(f"patchq: exported {len(names)} patch(es) to {out}")
