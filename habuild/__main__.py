@@ -11,7 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from habuild import HA_VERSION, BuildError
+from habuild import BuildError
 from habuild.assemble import apply_to_site, check_series, remove_from_site, stage_from_wheel
 from habuild.upstream import Target, UpstreamWheel, detect_target, resolve_wheel
 

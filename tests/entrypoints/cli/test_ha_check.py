@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from tests.utils import ON_CUDA, REPO, child_env, vllm_cli
-from vllm.ha.preflight import (CheckResult, PreflightReport, Status, parse_features)
+from vllm.ha.preflight import CheckResult, PreflightReport, Status, parse_features
 
 SCHEMA = json.loads((REPO / "vllm/ha/schemas/ha_check.schema.json").read_text())
 STATUS = {c: s for c, s in (
