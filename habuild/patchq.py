@@ -134,7 +134,8 @@ def refresh(work: Path = WORK, repo: Path = REPO) -> list[str]:
     if not work.is_dir():
         raise BuildError(f"no work dir at {work}: run 'python -m habuild.patchq unpack'")
     patches_dir = repo / "patches"
-    old = [p.name for p in read_series(patches_dir)] if (patches_dir / "series").exists() else []
+    series = patches_dir / "series"
+    old = series.read_text().split() if series.exists() else []
     names = []
     for n, sha in enumerate(_series_commits(work), start=1):
         header = _header_from_commit(sha, work)

@@ -1,0 +1,252 @@
+"""MirrorTracker and StandbyIngest on real vLLM KVCacheManagers (patched BlockPool)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import get_hash_fn_by_name
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
+from vllm.v1.core.kv_mirror_ingest import StandbyIngest
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.request import Request
+
+BLOCK = 4
+NUM_BLOCKS = 24
+HASH_FN = get_hash_fn_by_name("sha256")
+init_none_hash(HASH_FN)
+_ids = itertools.count()
+
+
+def make_manager(num_blocks: int = NUM_BLOCKS) -> KVCacheManager:
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8,
+                             dtype=torch.float32)
+    config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    return KVCacheManager(config, max_model_len=512, scheduler_block_size=BLOCK,
+                          hash_block_size=BLOCK, enable_caching=True)
+
+
+def make_request(tokens: list[int]) -> Request:
+    return Request(f"req-{next(_ids)}", list(tokens), SamplingParams(max_tokens=64), None,
+                   block_hasher=get_request_block_hasher(BLOCK, HASH_FN))
+
+
+def prefill(manager: KVCacheManager, req: Request) -> list[int]:
+    """Schedule the whole prompt as one step; returns the request's block ids."""
+    blocks = manager.allocate_slots(req, req.num_tokens)
+    assert blocks is not None
+    req.num_computed_tokens = req.num_tokens
+    return list(manager.get_block_ids(req.request_id)[0])
+
+
+def decode(manager: KVCacheManager, req: Request, token: int) -> None:
+    """One decode step: the token computed last step joins the sequence."""
+    req.append_output_token_ids(token)
+    assert manager.allocate_slots(req, 1) is not None
+    req.num_computed_tokens += 1
+
+
+@pytest.fixture
+def primary():
+    manager = make_manager()
+    return manager, MirrorTracker(manager.block_pool)
+
+
+def test_tracker_emits_exactly_the_full_blocks_in_order(primary):
+    manager, tracker = primary
+    req = make_request(list(range(10)))  # 2 full blocks + 2 tokens
+    ids = prefill(manager, req)
+    ops = tracker.take_step_ops()
+    assert [b.block_id for b in ops.write] == ids[:2]
+    assert [b.num_tokens for b in ops.write] == [4, 8]
+    pool = manager.block_pool
+    assert [b.block_hash for b in ops.write] == [pool.blocks[i].block_hash for i in ids[:2]]
+    # Decode 2 tokens: the third block fills on the second; nothing before that.
+    decode(manager, req, 100)
+    assert not tracker.take_step_ops().write
+    decode(manager, req, 101)
+    assert [b.block_id for b in tracker.take_step_ops().write] == [ids[2]]
+
+
+def test_a_cache_hit_does_not_mirror_again(primary):
+    manager, tracker = primary
+    prefill(manager, make_request(list(range(8))))
+    assert len(tracker.take_step_ops().write) == 2
+    other = make_request(list(range(8)) + [50, 51, 52, 53])
+    hit, n, _ = manager.get_computed_blocks(other)
+    assert n == 8
+    manager.allocate_slots(other, 4, n, hit)
+    assert len(tracker.take_step_ops().write) == 1  # only the new block
+
+
+def test_in_flight_blocks_are_pinned_and_never_reused(primary):
+    manager, tracker = primary
+    pool = manager.block_pool
+    req = make_request(list(range(8)))
+    ids = prefill(manager, req)
+    ops = tracker.take_step_ops()
+    manager.free(req)  # request finished while its copy is in flight
+    for i in ids[:2]:
+        assert pool.blocks[i].ref_cnt == 1, "the in-flight copy holds one reference"
+    # Exhaust the pool: pinned blocks must not be handed out.
+    taken = pool.get_new_blocks(pool.get_num_free_blocks())
+    assert not {b.block_id for b in taken} & set(ids[:2])
+    with pytest.raises(ValueError):
+        pool.get_new_blocks(1)
+    pool.free_blocks(taken)
+    tracker.complete(ops.seq)
+    assert all(pool.blocks[i].ref_cnt == 0 for i in ids[:2])
+    assert tracker.lag_blocks == 0 and tracker.num_blocks_mirrored == 2
+
+
+def test_eviction_is_reported_before_the_reused_block_is_written(primary):
+    manager, tracker = primary
+    pool = manager.block_pool
+    first = make_request(list(range(1000, 1000 + 4 * (NUM_BLOCKS - 1))))
+    ids = prefill(manager, first)
+    old = tracker.take_step_ops()
+    tracker.complete(old.seq)
+    manager.free(first)
+    # A new prompt reuses the LRU blocks: their old hashes must be invalidated in
+    # the same step that writes their new content.
+    second = make_request(list(range(5000, 5008)))
+    new_ids = prefill(manager, second)
+    ops = tracker.take_step_ops()
+    reused = {b.block_id for b in ops.write}
+    assert reused == set(new_ids[:2]) and reused <= set(ids)
+    old_keys = {b.block_id: b.block_hash for b in old.write}
+    assert {old_keys[i] for i in reused} <= set(ops.invalidate)
+    assert all(pool.blocks[i].block_hash not in ops.invalidate for i in reused)
+
+
+def test_failed_copy_unpins_and_is_counted(primary):
+    manager, tracker = primary
+    req = make_request(list(range(12)))
+    prefill(manager, req)
+    ops = tracker.take_step_ops()
+    tracker.fail_all()
+    assert tracker.num_blocks_failed == 3 and tracker.lag_blocks == 0
+    manager.free(req)
+    assert manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+    assert ops.seq == 0
+
+
+def test_pending_block_losing_its_hash_is_dropped_and_unpinned(primary):
+    manager, tracker = primary
+    req = make_request(list(range(8)))
+    ids = prefill(manager, req)
+    manager.block_pool.evict_blocks({ids[0]})
+    ops = tracker.take_step_ops()
+    assert [b.block_id for b in ops.write] == [ids[1]]
+    assert manager.block_pool.blocks[ids[0]].ref_cnt == 1  # only the request's own
+
+
+def _assert_standby_invariants(manager: KVCacheManager) -> None:
+    pool = manager.block_pool
+    free_ids = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
+    assert sorted(free_ids) == list(range(1, pool.num_gpu_blocks)), "every block free once"
+    assert all(pool.blocks[i].ref_cnt == 0 for i in range(1, pool.num_gpu_blocks))
+    for key, entry in pool.cached_block_hash_to_block._cache.items():
+        blocks = entry.values() if isinstance(entry, dict) else [entry]
+        for block in blocks:
+            assert block.block_hash == key or key in pool.cached_block_hashes_by_block.get(
+                block.block_id, ())
+
+
+def mirror_step(tracker: MirrorTracker, ingest: StandbyIngest,
+                landed: bool = True) -> MirrorStepOps:
+    ops = tracker.take_step_ops()
+    ingest.apply(ops, copy=lambda ids: landed)
+    tracker.complete(ops.seq, ok=landed)
+    return ops
+
+
+def test_standby_holds_every_full_block_and_answers_lookups(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    prompts = [list(range(0, 17)), list(range(0, 8)) + list(range(300, 311)),
+               list(range(700, 709))]
+    reqs = []
+    for tokens in prompts:
+        req = make_request(tokens)
+        hit, n, _ = manager.get_computed_blocks(req)
+        manager.allocate_slots(req, req.num_tokens - n, n, hit)
+        req.num_computed_tokens = req.num_tokens
+        reqs.append(req)
+        mirror_step(tracker, ingest)
+    for step in range(6):
+        for req in reqs:
+            decode(manager, req, 900 + step)
+        mirror_step(tracker, ingest)
+    _assert_standby_invariants(standby)
+    for req in reqs:
+        probe = make_request(req.all_token_ids)
+        hit, n, _ = standby.get_computed_blocks(probe)
+        full = (req.num_tokens // BLOCK) * BLOCK
+        assert n == min(full, probe.num_tokens - 1) // BLOCK * BLOCK
+        primary_ids = manager.get_block_ids(req.request_id)[0][: n // BLOCK]
+        assert [b.block_id for b in hit.blocks[0]] == list(primary_ids), "same block ids"
+    assert tracker.lag_blocks == 0
+
+
+def test_standby_drops_blocks_whose_copy_did_not_land(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    req = make_request(list(range(12)))
+    prefill(manager, req)
+    mirror_step(tracker, ingest, landed=False)
+    _assert_standby_invariants(standby)
+    assert standby.get_computed_blocks(make_request(list(range(13))))[1] == 0
+
+
+def test_standby_follows_evictions_and_reuse(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    for round_ in range(4):  # each round overwrites most of the pool
+        req = make_request(list(range(round_ * 10_000, round_ * 10_000 + 4 * 20)))
+        prefill(manager, req)
+        mirror_step(tracker, ingest)
+        manager.free(req)
+        _assert_standby_invariants(standby)
+    last = make_request(list(range(30_000, 30_000 + 4 * 20 + 1)))
+    assert standby.get_computed_blocks(last)[1] == 4 * 20
+    stale = make_request(list(range(0, 4 * 20 + 1)))
+    assert standby.get_computed_blocks(stale)[1] == manager.get_computed_blocks(stale)[1]
+
+
+def test_prefix_cache_reset_reaches_the_standby(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    req = make_request(list(range(9)))
+    prefill(manager, req)
+    mirror_step(tracker, ingest)
+    manager.free(req)
+    assert manager.reset_prefix_cache()
+    assert tracker.take_reset()
+    ingest.reset()
+    assert standby.get_computed_blocks(make_request(list(range(9))))[1] == 0
+
+
+def test_one_tracker_per_pool_and_standby_needs_caching(primary):
+    manager, _ = primary
+    with pytest.raises(ValueError, match="already has a mirror tracker"):
+        MirrorTracker(manager.block_pool)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8,
+                             dtype=torch.float32)
+    no_cache = KVCacheManager(
+        KVCacheConfig(num_blocks=8, kv_cache_tensors=[],
+                      kv_cache_groups=[KVCacheGroupSpec(["l"], spec)]),
+        max_model_len=64, scheduler_block_size=BLOCK, hash_block_size=BLOCK,
+        enable_caching=False)
+    with pytest.raises(ValueError, match="prefix caching"):
+        StandbyIngest(no_cache.block_pool)

@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Scheduler-side bookkeeping of KV mirroring (primary engine).
+
+The :class:`MirrorTracker` watches the primary's :class:`BlockPool` through three
+hooks (a block gets a prefix-cache hash, a block loses its hashes, the prefix cache
+is reset) and turns them into per-step :class:`MirrorStepOps`: hashes the standby must
+forget, then blocks to copy to the same block ids and publish under their hashes.
+
+Why these hooks: vLLM hashes a block when it is *scheduled*, and the step that
+carries it in its ``SchedulerOutput`` writes its last slot; so a block hashed while
+step N is scheduled is copied by the worker after step N's forward, and a block hashed
+after outputs arrive (async scheduling) is copied after the next forward, when its
+bytes are certainly in place. A block is pinned (one extra reference) from the moment
+it is hashed until its copy is reported complete, so it is never reused under an
+in-flight copy; the primary never waits for the standby, a failed copy just unpins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import BlockHashWithGroupId, KVCacheBlock
+
+logger = init_logger(__name__)
+
+
+@dataclass(frozen=True)
+class MirroredBlock:
+    """One block to copy: the standby stores it at the same id, under the same key."""
+
+    block_id: int
+    block_hash: BlockHashWithGroupId
+    num_tokens: int | None
+
+
+@dataclass
+class MirrorStepOps:
+    """One step's mirror work, applied by the standby in this order: forget
+    ``invalidate``, land the bytes of ``write``, then publish their hashes."""
+
+    seq: int
+    invalidate: list[BlockHashWithGroupId] = field(default_factory=list)
+    write: list[MirroredBlock] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.invalidate or self.write)
+
+
+class MirrorTracker:
+    """Records, pins and hands out the primary's blocks to mirror, step by step."""
+
+    def __init__(self, block_pool: BlockPool) -> None:
+        if block_pool.mirror is not None:
+            raise ValueError("the block pool already has a mirror tracker")
+        self.block_pool = block_pool
+        self._next_seq = 0
+        self._pending: dict[int, MirroredBlock] = {}  # block_id -> not yet handed out
+        self._invalidate: list[BlockHashWithGroupId] = []
+        self._in_flight: dict[int, list[KVCacheBlock]] = {}  # seq -> pinned blocks
+        self.num_blocks_mirrored = 0
+        self.num_blocks_failed = 0
+        self._reset = False
+        block_pool.mirror = self
+
+    # -- BlockPool hooks -------------------------------------------------------------
+
+    def on_block_cached(self, block: KVCacheBlock, block_hash: BlockHashWithGroupId,
+                        num_tokens: int | None) -> None:
+        # Secondary keys of an already cached block carry no new bytes.
+        if block.is_null or block.block_hash != block_hash:
+            return
+        if block.block_id not in self._pending:
+            self.block_pool.touch([block])  # pin until the copy completes
+        self._pending[block.block_id] = MirroredBlock(block.block_id, block_hash,
+                                                      num_tokens)
+
+    def on_hashes_removed(self, block: KVCacheBlock,
+                          removed: list[BlockHashWithGroupId]) -> None:
+        self._invalidate.extend(removed)
+        if self._pending.pop(block.block_id, None) is not None:
+            # Lost its hash before its copy was handed out: nothing to copy.
+            self.block_pool.free_blocks([block])
+
+    def on_prefix_cache_reset(self) -> None:
+        # reset_prefix_cache only succeeds with every block free, so nothing is
+        # pinned here; the standby must drop everything it holds.
+        self._pending.clear()
+        self._invalidate.clear()
+        self._reset = True
+
+    # -- per step --------------------------------------------------------------------
+
+    def take_step_ops(self) -> MirrorStepOps:
+        """The ops for the step being scheduled; its blocks stay pinned until
+        :meth:`complete` is called with the returned ``seq``."""
+        ops = MirrorStepOps(self._next_seq, self._invalidate, list(self._pending.values()))
+        self._next_seq += 1
+        self._invalidate = []
+        if ops.write:
+            blocks = self.block_pool.blocks
+            self._in_flight[ops.seq] = [blocks[b.block_id] for b in ops.write]
+        self._pending = {}
+        return ops
+
+    def take_reset(self) -> bool:
+        """True once after the primary's prefix cache was reset."""
+        reset, self._reset = self._reset, False
+        return reset
+
+    def complete(self, seq: int, ok: bool = True) -> None:
+        """The copy of step ``seq`` finished (or failed): unpin its blocks."""
+        blocks = self._in_flight.pop(seq, None)
+        if blocks is None:
+            return
+        if ok:
+            self.num_blocks_mirrored += len(blocks)
+        else:
+            self.num_blocks_failed += len(blocks)
+        self.block_pool.free_blocks(blocks)
+
+    def fail_all(self) -> None:
+        """The standby is gone: release every pin; nothing in flight will land."""
+        for seq in list(self._in_flight):
+            self.complete(seq, ok=False)
+
+    @property
+    def lag_blocks(self) -> int:
+        """Blocks whose copy is not yet on the standby (pending + in flight)."""
+        return len(self._pending) + sum(len(b) for b in self._in_flight.values())
+
+    @property
+    def pinned_block_ids(self) -> set[int]:
+        ids = set(self._pending)
+        for blocks in self._in_flight.values():
+            ids.update(b.block_id for b in blocks)
+        return ids
