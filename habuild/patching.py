@@ -172,7 +172,7 @@ def apply_file_patch(
         if pos is None:
             raise PatchError(
                 f"{patch_name}: hunk {hunk.header} does not apply to {fp.path}: "
-                f"{_first_mismatch(lines, hunk, expected)}"
+                f"{_first_mismatch(lines, hunk, expected, shift)}"
             )
         lines[pos : pos + len(hunk.old_lines)] = hunk.new_lines
         shift += len(hunk.new_lines) - len(hunk.old_lines)
@@ -184,11 +184,14 @@ def apply_file_patch(
     return "".join(lines), applied
 
 
-def _first_mismatch(lines: list[str], hunk: Hunk, expected: int) -> str:
+def _first_mismatch(lines: list[str], hunk: Hunk, expected: int, shift: int) -> str:
+    """The first differing line, numbered as in the unpatched file (``shift``: lines
+    that earlier hunks of this patch added)."""
     for k, want in enumerate(hunk.old_lines):
         have = lines[expected + k] if 0 <= expected + k < len(lines) else "<end of file>"
         if have != want:
-            return f"line {expected + k + 1} is {have.rstrip()!r}, expected {want.rstrip()!r}"
+            return (f"line {expected + k + 1 - shift} is {have.rstrip()!r}, "
+                    f"expected {want.rstrip()!r}")
     return "context not found"
 
 

@@ -109,3 +109,9 @@ def test_no_newline_at_end_of_file(tmp_path):
              "+c\n\\ No newline at end of file\n")
     out = apply_series([_write(tmp_path, "p.patch", patch)], {"f": "a\nb"}.get).files["f"]
     assert out == "a\nc"
+
+
+def test_mismatch_line_is_numbered_as_in_the_upstream_file(tmp_path):
+    broken = UPSTREAM.replace("line 31\n", "line thirty-one\n")
+    with pytest.raises(PatchError, match=r"line 31 is 'line thirty-one', expected 'line 31'"):
+        apply_series([_write(tmp_path, "0001.patch", PATCH)], {"pkg/mod.py": broken}.get)

@@ -89,7 +89,7 @@ def test_build_fails_naming_the_patch_and_file_that_no_longer_apply(drifted_whee
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert f"{SERIES[0].name}: hunk @@ -34,6 +40,7 @@" in text
-    assert f"does not apply to {CLI_MAIN}: line 37 is" in text
+    assert f"does not apply to {CLI_MAIN}: line 36 is" in text
     assert not list(out.glob("*.whl")), "a failed build left a wheel behind"
 
 
