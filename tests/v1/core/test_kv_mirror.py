@@ -250,3 +250,68 @@ def test_one_tracker_per_pool_and_standby_needs_caching(primary):
         enable_caching=False)
     with pytest.raises(ValueError, match="prefix caching"):
         StandbyIngest(no_cache.block_pool)
+
+
+def test_landing_before_the_ops_arrive_still_publishes(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    req = make_request(list(range(13)))
+    prefill(manager, req)
+    ops = tracker.take_step_ops()
+    ingest.on_landed(ops.seq)  # the NIXL notification overtook the ops message
+    assert standby.get_computed_blocks(make_request(list(range(13))))[1] == 0
+    ingest.receive_ops(ops)
+    assert standby.get_computed_blocks(make_request(list(range(13))))[1] == 12
+    _assert_standby_invariants(standby)
+
+
+def test_hashes_are_never_published_before_the_bytes_land(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    req = make_request(list(range(9)))
+    prefill(manager, req)
+    ops = tracker.take_step_ops()
+    ingest.receive_ops(ops)
+    probe = make_request(list(range(9)))
+    assert standby.get_computed_blocks(probe)[1] == 0
+    assert all(standby.block_pool.blocks[b.block_id].ref_cnt == 1 for b in ops.write)
+    assert ingest.lag_steps == 1
+    ingest.on_landed(ops.seq)
+    assert standby.get_computed_blocks(probe)[1] == 8 and ingest.lag_steps == 0
+
+
+def test_drain_drops_unconfirmed_steps_before_promotion(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    first = make_request(list(range(8)))
+    prefill(manager, first)
+    a = tracker.take_step_ops()
+    second = make_request(list(range(100, 112)))
+    prefill(manager, second)
+    b = tracker.take_step_ops()
+    ingest.receive_ops(a)
+    ingest.receive_ops(b)
+    ingest.on_landed(a.seq)
+    assert ingest.drain() == len(b.write) == 3
+    _assert_standby_invariants(standby)
+    assert standby.get_computed_blocks(make_request(list(range(9))))[1] == 8
+    assert standby.get_computed_blocks(make_request(list(range(100, 113))))[1] == 0
+
+
+def test_block_resent_while_pending_holds_two_reservations(primary):
+    manager, tracker = primary
+    standby = make_manager()
+    ingest = StandbyIngest(standby.block_pool)
+    req = make_request(list(range(8)))
+    prefill(manager, req)
+    ops = tracker.take_step_ops()
+    again = MirrorStepOps(ops.seq + 100, [], list(ops.write))
+    ingest.receive_ops(ops)
+    ingest.receive_ops(again)
+    assert standby.block_pool.blocks[ops.write[0].block_id].ref_cnt == 2
+    ingest.on_landed(ops.seq)
+    ingest.on_landed(again.seq)
+    _assert_standby_invariants(standby)

@@ -24,14 +24,24 @@ logger = init_logger(__name__)
 
 
 class StandbyIngest:
-    """Applies the primary's :class:`MirrorStepOps` to the standby's BlockPool."""
+    """Applies the primary's :class:`MirrorStepOps` to the standby's BlockPool.
+
+    Two channels feed it and may arrive in either order: the step's ops (sent by the
+    primary's scheduler before the step runs) and the notification that the step's
+    bytes landed (sent by NIXL after the WRITE). Ops are applied on arrival
+    (invalidate, reserve); hashes are published only once both are in. On promotion,
+    :meth:`drain` drops every step whose bytes were not confirmed.
+    """
 
     def __init__(self, block_pool: BlockPool) -> None:
         if not block_pool.enable_caching:
             raise ValueError("the standby needs prefix caching enabled")
         self.block_pool = block_pool
-        self._reserved: dict[int, list[KVCacheBlock]] = {}
+        self._pending: dict[int, tuple[MirrorStepOps, list[KVCacheBlock]]] = {}
+        self._landed_early: set[int] = set()
+        self._reserved_ids: dict[int, int] = {}  # block_id -> reservations held
         self.num_blocks_published = 0
+        self.num_blocks_dropped = 0
 
     def invalidate(self, ops: MirrorStepOps) -> None:
         """Forget hashes the primary evicted, before new bytes reach those blocks."""
@@ -41,40 +51,80 @@ class StandbyIngest:
             if block is not None:
                 pool.evict_blocks({block.block_id})
 
-    def reserve(self, ops: MirrorStepOps) -> list[int]:
-        """Take the step's target blocks out of circulation; returns their ids."""
-        self.invalidate(ops)
+    def _reserve(self, ops: MirrorStepOps) -> list[KVCacheBlock]:
         pool = self.block_pool
         blocks = []
         for mb in ops.write:
             block = pool.blocks[mb.block_id]
-            if block.ref_cnt != 0 or block.is_null:
+            if block.is_null or (block.ref_cnt != 0 and mb.block_id not in self._reserved_ids):
                 raise RuntimeError(
                     f"standby block {mb.block_id} is in use (ref_cnt={block.ref_cnt}): "
                     "the standby must not serve traffic while it mirrors")
-            pool.evict_blocks({block.block_id})  # stale content from a lost invalidation
-            pool.free_block_queue.remove(block)
-            block.ref_cnt = 1
+            if block.ref_cnt == 0:
+                pool.evict_blocks({block.block_id})  # stale content (a lost invalidation)
+                pool.free_block_queue.remove(block)
+            # A block re-sent while its earlier copy is pending (partial -> full
+            # promotion) holds one reservation per step.
+            block.ref_cnt += 1
+            self._reserved_ids[mb.block_id] = self._reserved_ids.get(mb.block_id, 0) + 1
             blocks.append(block)
-        self._reserved[ops.seq] = blocks
-        return [b.block_id for b in blocks]
+        return blocks
 
-    def publish(self, ops: MirrorStepOps, landed: bool = True) -> None:
-        """The bytes of step ``ops.seq`` landed (or not): cache them, or drop them."""
-        blocks = self._reserved.pop(ops.seq, [])
+    def receive_ops(self, ops: MirrorStepOps) -> None:
+        """Step ``ops.seq`` announced: invalidate and reserve now, publish on landing."""
+        self.invalidate(ops)
+        blocks = self._reserve(ops)
+        self._pending[ops.seq] = (ops, blocks)
+        if ops.seq in self._landed_early:
+            self._landed_early.discard(ops.seq)
+            self._finish(ops.seq, landed=True)
+        elif not ops.write:
+            self._finish(ops.seq, landed=True)
+
+    def on_landed(self, seq: int, landed: bool = True) -> None:
+        """The bytes of step ``seq`` are in place (or the WRITE failed)."""
+        if seq in self._pending:
+            self._finish(seq, landed)
+        elif landed:
+            self._landed_early.add(seq)
+
+    def _finish(self, seq: int, landed: bool) -> None:
+        ops, blocks = self._pending.pop(seq)
         if landed:
             for mb, block in zip(ops.write, blocks):
                 self.block_pool._insert_block_hash(mb.block_hash, block, mb.num_tokens)
             self.num_blocks_published += len(blocks)
+        else:
+            self.num_blocks_dropped += len(blocks)
+        for block in blocks:
+            left = self._reserved_ids[block.block_id] - 1
+            if left:
+                self._reserved_ids[block.block_id] = left
+            else:
+                del self._reserved_ids[block.block_id]
         self.block_pool.free_blocks(blocks)
 
+    def drain(self) -> int:
+        """Before serving: drop every step whose bytes were not confirmed."""
+        dropped = 0
+        for seq in sorted(self._pending):
+            dropped += len(self._pending[seq][0].write)
+            self._finish(seq, landed=False)
+        self._landed_early.clear()
+        return dropped
+
+    @property
+    def lag_steps(self) -> int:
+        return len(self._pending)
+
     def apply(self, ops: MirrorStepOps, copy=None) -> None:
-        """reserve -> ``copy(block_ids)`` (the data plane) -> publish, in one call."""
-        ids = self.reserve(ops)
+        """Ops, then ``copy(block_ids)`` (the data plane), then landing, in one call."""
+        self.receive_ops(ops)
         landed = True
-        if copy is not None and ids:
-            landed = bool(copy(ids))
-        self.publish(ops, landed)
+        if copy is not None and ops.write:
+            landed = bool(copy([b.block_id for b in ops.write]))
+        if ops.seq in self._pending:
+            self.on_landed(ops.seq, landed)
 
     def reset(self) -> None:
         """The primary's prefix cache was reset: so is the standby's."""
