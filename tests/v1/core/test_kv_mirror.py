@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
-
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
-from vllm.v1.core.kv_mirror_ingest import StandbyIngest
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request
+
+from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
+from vllm.v1.core.kv_mirror_ingest import StandbyIngest
 
 BLOCK = 4
 NUM_BLOCKS = 24
 HASH_FN = get_hash_fn_by_name("sha256")
+# Primary and standby agree on block hashes only with a shared seed (upstream draws
+# a random chain seed otherwise); the cross-process tests rely on this too.
+os.environ.setdefault("PYTHONHASHSEED", "0")
 init_none_hash(HASH_FN)
 _ids = itertools.count()
 

@@ -11,9 +11,13 @@ import pytest
 import torch
 
 from tests.v1.worker.standby_peer import standby_main
-from vllm.v1.worker.kv_mirror_transport import (KVRegion, MirrorTransport,
-                                                 MirrorTransportError, StandbyDescriptor,
-                                                 kv_regions)
+from vllm.v1.worker.kv_mirror_transport import (
+    KVRegion,
+    MirrorTransport,
+    MirrorTransportError,
+    StandbyDescriptor,
+    kv_regions,
+)
 
 LAYERS, NUM_BLOCKS, BLOCK_ELEMS = 3, 16, 256  # 1 KiB per block per layer
 

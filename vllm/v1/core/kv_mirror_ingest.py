@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
+
 from vllm.v1.core.kv_mirror import MirrorStepOps
 
 if TYPE_CHECKING:

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-
 from vllm.logger import init_logger
 
 logger = init_logger(__name__)

@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-worker driver of the mirror's data plane: push each step's blocks once their KV
+writes are complete, without blocking the step that wrote them.
+
+A step's ops come with an optional ``ready`` event recorded on the compute stream after
+the forward (CUDA); the WRITE is started from :meth:`MirrorPusher.poll` as soon as the
+event has completed, so the forward never waits on it. On CPU the forward is done when
+``push`` is called, and the WRITE starts at once. A standby that fails never fails the
+primary: its steps are reported failed and the tracker unpins their blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vllm.logger import init_logger
+
+from vllm.v1.core.kv_mirror import MirrorStepOps
+from vllm.v1.worker.kv_mirror_transport import MirrorTransport, MirrorTransportError
+
+logger = init_logger(__name__)
+
+
+class ReadyEvent(Protocol):
+    def query(self) -> bool: ...
+
+
+@dataclass
+class MirrorCompletions:
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+def step_notification(seq: int) -> bytes:
+    return b"mirror:%d" % seq
+
+
+def parse_step_notification(msg: bytes) -> int | None:
+    if msg.startswith(b"mirror:"):
+        return int(msg[len(b"mirror:"):])
+    return None
+
+
+class MirrorPusher:
+    """Starts one WRITE per step and reports which steps completed or failed."""
+
+    def __init__(self, transport: MirrorTransport) -> None:
+        self.transport = transport
+        self._waiting: deque[tuple[MirrorStepOps, ReadyEvent | None]] = deque()
+        self._in_flight: dict[int, Any] = {}
+        self._completions = MirrorCompletions()
+        self.bytes_pushed = 0
+
+    def push(self, ops: MirrorStepOps, ready: ReadyEvent | None = None) -> None:
+        if not ops.write:
+            self._completions.done.append(ops.seq)
+            return
+        self._waiting.append((ops, ready))
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        # Steps complete in order on one stream: stop at the first not-ready one.
+        while self._waiting and (self._waiting[0][1] is None or self._waiting[0][1].query()):
+            ops, _ = self._waiting.popleft()
+            ids = [b.block_id for b in ops.write]
+            try:
+                self._in_flight[ops.seq] = self.transport.write(
+                    ids, notif=step_notification(ops.seq))
+                self.bytes_pushed += len(ids) * self.transport.bytes_per_block
+            except MirrorTransportError as e:
+                logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
+                self._completions.failed.append(ops.seq)
+
+    def poll(self) -> MirrorCompletions:
+        """Start what became ready, collect what finished; returns and clears them."""
+        self._start_ready()
+        for seq, handle in list(self._in_flight.items()):
+            try:
+                if self.transport.poll(handle):
+                    self._completions.done.append(seq)
+                    del self._in_flight[seq]
+            except MirrorTransportError as e:
+                logger.warning("mirror: step %d failed: %s", seq, e)
+                self._completions.failed.append(seq)
+                del self._in_flight[seq]
+        out, self._completions = self._completions, MirrorCompletions()
+        return out
+
+    @property
+    def in_flight_steps(self) -> int:
+        return len(self._waiting) + len(self._in_flight)
