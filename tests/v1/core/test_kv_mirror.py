@@ -62,6 +62,13 @@ def primary():
     return manager, MirrorTracker(manager.block_pool)
 
 
+@pytest.fixture
+def standby_pool():
+    """A standby's KVCacheManager (same block count) and its ingest."""
+    manager = make_manager()
+    return manager, StandbyIngest(manager.block_pool)
+
+
 def test_tracker_emits_exactly_the_full_blocks_in_order(primary):
     manager, tracker = primary
     req = make_request(list(range(10)))  # 2 full blocks + 2 tokens
@@ -171,10 +178,9 @@ def mirror_step(tracker: MirrorTracker, ingest: StandbyIngest,
     return ops
 
 
-def test_standby_holds_every_full_block_and_answers_lookups(primary):
+def test_standby_holds_every_full_block_and_answers_lookups(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     prompts = [list(range(0, 17)), list(range(0, 8)) + list(range(300, 311)),
                list(range(700, 709))]
     reqs = []
@@ -200,10 +206,9 @@ def test_standby_holds_every_full_block_and_answers_lookups(primary):
     assert tracker.lag_blocks == 0
 
 
-def test_standby_drops_blocks_whose_copy_did_not_land(primary):
+def test_standby_drops_blocks_whose_copy_did_not_land(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     req = make_request(list(range(12)))
     prefill(manager, req)
     mirror_step(tracker, ingest, landed=False)
@@ -211,10 +216,9 @@ def test_standby_drops_blocks_whose_copy_did_not_land(primary):
     assert standby.get_computed_blocks(make_request(list(range(13))))[1] == 0
 
 
-def test_standby_follows_evictions_and_reuse(primary):
+def test_standby_follows_evictions_and_reuse(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     for round_ in range(4):  # each round overwrites most of the pool
         req = make_request(list(range(round_ * 10_000, round_ * 10_000 + 4 * 20)))
         prefill(manager, req)
@@ -227,10 +231,9 @@ def test_standby_follows_evictions_and_reuse(primary):
     assert standby.get_computed_blocks(stale)[1] == manager.get_computed_blocks(stale)[1]
 
 
-def test_prefix_cache_reset_reaches_the_standby(primary):
+def test_prefix_cache_reset_reaches_the_standby(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     req = make_request(list(range(9)))
     prefill(manager, req)
     mirror_step(tracker, ingest)
@@ -256,10 +259,9 @@ def test_one_tracker_per_pool_and_standby_needs_caching(primary):
         StandbyIngest(no_cache.block_pool)
 
 
-def test_landing_before_the_ops_arrive_still_publishes(primary):
+def test_landing_before_the_ops_arrive_still_publishes(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     req = make_request(list(range(13)))
     prefill(manager, req)
     ops = tracker.take_step_ops()
@@ -270,10 +272,9 @@ def test_landing_before_the_ops_arrive_still_publishes(primary):
     _assert_standby_invariants(standby)
 
 
-def test_hashes_are_never_published_before_the_bytes_land(primary):
+def test_hashes_are_never_published_before_the_bytes_land(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     req = make_request(list(range(9)))
     prefill(manager, req)
     ops = tracker.take_step_ops()
@@ -286,10 +287,9 @@ def test_hashes_are_never_published_before_the_bytes_land(primary):
     assert standby.get_computed_blocks(probe)[1] == 8 and ingest.lag_steps == 0
 
 
-def test_drain_drops_unconfirmed_steps_before_promotion(primary):
+def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     first = make_request(list(range(8)))
     prefill(manager, first)
     a = tracker.take_step_ops()
@@ -305,10 +305,9 @@ def test_drain_drops_unconfirmed_steps_before_promotion(primary):
     assert standby.get_computed_blocks(make_request(list(range(100, 113))))[1] == 0
 
 
-def test_block_resent_while_pending_holds_two_reservations(primary):
+def test_block_resent_while_pending_holds_two_reservations(primary, standby_pool):
     manager, tracker = primary
-    standby = make_manager()
-    ingest = StandbyIngest(standby.block_pool)
+    standby, ingest = standby_pool
     req = make_request(list(range(8)))
     prefill(manager, req)
     ops = tracker.take_step_ops()

@@ -3,13 +3,13 @@ chosen blocks of every layer into a standby process, byte for byte."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 
 import pytest
 import torch
 
+from tests.v1.worker.peer import spawned_peer
 from tests.v1.worker.standby_peer import standby_main
 from vllm.v1.worker.kv_mirror_transport import (
     KVRegion,
@@ -26,19 +26,9 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 @pytest.fixture
 def standby():
-    ctx = mp.get_context("spawn")
-    to_primary, from_primary = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=standby_main,
-                       args=(to_primary, from_primary, LAYERS, NUM_BLOCKS, BLOCK_ELEMS))
-    proc.start()
-    try:
-        desc = StandbyDescriptor.from_dict(to_primary.get(timeout=120))
-        yield desc, to_primary, from_primary
-    finally:
-        from_primary.put("stop")
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    with spawned_peer(standby_main, LAYERS, NUM_BLOCKS, BLOCK_ELEMS,
+                      stop_message="stop") as (first, to_primary, from_primary):
+        yield StandbyDescriptor.from_dict(first), to_primary, from_primary
 
 
 def primary_kv() -> list[torch.Tensor]:

@@ -5,7 +5,6 @@ primary's block ids, and the standby's prefix cache answers for it."""
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
 import time
 
@@ -14,6 +13,7 @@ import torch
 
 from tests.v1.core.test_kv_mirror import BLOCK, decode, make_manager, make_request, prefill
 from tests.v1.worker.mirror_standby import standby_engine_main
+from tests.v1.worker.peer import spawned_peer
 from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
 from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransport,
@@ -28,18 +28,9 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 @pytest.fixture
 def standby():
-    ctx = mp.get_context("spawn")
-    to_primary, from_primary = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=standby_engine_main,
-                       args=(to_primary, from_primary, LAYERS, NUM_BLOCKS, BLOCK_ELEMS))
-    proc.start()
-    try:
-        yield StandbyDescriptor.from_dict(to_primary.get(timeout=120)), to_primary, from_primary
-    finally:
-        from_primary.put(("stop", None))
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    with spawned_peer(standby_engine_main, LAYERS, NUM_BLOCKS, BLOCK_ELEMS,
+                      stop_message=("stop", None)) as (first, to_primary, from_primary):
+        yield StandbyDescriptor.from_dict(first), to_primary, from_primary
 
 
 class Primary:
