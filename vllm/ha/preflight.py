@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -212,8 +213,10 @@ def check_nixl(timeout_s: float = NIXL_PROBE_TIMEOUT_S) -> CheckResult:
             "r = _nixl_probe(); sys.stdout.flush(); "
             "print(_PROBE_MARK + json.dumps(r), flush=True)")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                              text=True, timeout=timeout_s)
+        # In a scratch dir: NIXL's GDS plugin leaves a cufile.log where it runs.
+        with tempfile.TemporaryDirectory(prefix="vllm-ha-check-") as scratch:
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, timeout=timeout_s, cwd=scratch)
     except subprocess.TimeoutExpired:
         return CheckResult("nixl", Status.MISSING,
                            f"NIXL {version}: the backend probe hung for {timeout_s:.0f} s",

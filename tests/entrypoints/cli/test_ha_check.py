@@ -143,3 +143,10 @@ def test_parse_features_dedups_and_rejects_unknown():
     assert parse_features("") == []
     with pytest.raises(ValueError, match="unknown feature"):
         parse_features("mirror,bogus")
+
+
+def test_ha_check_leaves_no_files_in_the_working_directory(tmp_path):
+    proc = subprocess.run([*vllm_cli(), "ha-check"], capture_output=True, text=True,
+                          env=child_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
