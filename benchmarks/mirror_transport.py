@@ -101,7 +101,7 @@ def main() -> None:
                 sync()
                 c = time.perf_counter() - t
                 t = time.perf_counter()
-                h = transport.write(ids, notif=b"bench")
+                h = transport.write(ids, it)
                 while not transport.poll(h):
                     pass
                 w = time.perf_counter() - t

@@ -64,9 +64,9 @@ def test_write_lands_the_chosen_blocks_of_every_layer(standby):
     transport = MirrorTransport("primary", kv, NUM_BLOCKS)
     transport.connect(desc)
     blocks = [1, 3, 4, 9, 15]
-    wait_done(transport, transport.write(blocks, notif=b"step-0"))
+    wait_done(transport, transport.write(blocks, 0))
     got = report(to_primary, from_primary)
-    assert got["notifs"] == [b"step-0"]
+    assert got["notifs"] == [b"mirror:0"]
     for layer, (mine, theirs) in enumerate(zip(kv, got["kv"])):
         for b in range(NUM_BLOCKS):
             if b in blocks:
@@ -81,12 +81,12 @@ def test_consecutive_steps_overwrite_reused_blocks(standby):
     kv = primary_kv()
     transport = MirrorTransport("primary", kv, NUM_BLOCKS)
     transport.connect(desc)
-    wait_done(transport, transport.write([2, 5], notif=b"s0"))
+    wait_done(transport, transport.write([2, 5], 0))
     for t in kv:
         t[5] = -7.0  # block 5 reused for new content
-    wait_done(transport, transport.write([5], notif=b"s1"))
+    wait_done(transport, transport.write([5], 1))
     got = report(to_primary, from_primary, notifs=2)
-    assert sorted(got["notifs"]) == [b"s0", b"s1"]
+    assert sorted(got["notifs"]) == [b"mirror:0", b"mirror:1"]
     for mine, theirs in zip(kv, got["kv"]):
         assert torch.equal(theirs[5], mine[5]) and torch.equal(theirs[2], mine[2])
     transport.close()
@@ -108,7 +108,7 @@ def test_layout_mismatch_is_refused_before_any_transfer():
         transport.connect(other)
     assert not transport.connected
     with pytest.raises(MirrorTransportError, match="no standby connected"):
-        transport.write([1])
+        transport.write([1], 0)
     transport.close()
 
 

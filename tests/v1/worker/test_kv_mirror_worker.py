@@ -15,6 +15,7 @@ from tests.v1.core.test_kv_mirror import BLOCK, decode, make_manager, make_reque
 from tests.v1.worker.mirror_standby import standby_engine_main
 from tests.v1.worker.peer import spawned_peer
 from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
+from vllm.v1.worker.kv_mirror_staged import StagedMirrorTransport, StagedStandbyDescriptor
 from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransport,
     MirrorTransportError,
@@ -26,11 +27,17 @@ LAYERS, NUM_BLOCKS, BLOCK_ELEMS = 2, 48, 64
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
-@pytest.fixture
-def standby():
+RING_BYTES = 16 * LAYERS * BLOCK_ELEMS * 4  # 16 blocks of all layers in flight
+
+
+@pytest.fixture(params=["direct", "staged"])
+def standby(request):
+    staged = request.param == "staged"
     with spawned_peer(standby_engine_main, LAYERS, NUM_BLOCKS, BLOCK_ELEMS,
+                      RING_BYTES if staged else 0,
                       stop_message=("stop", None)) as (first, to_primary, from_primary):
-        yield StandbyDescriptor.from_dict(first), to_primary, from_primary
+        desc = (StagedStandbyDescriptor if staged else StandbyDescriptor).from_dict(first)
+        yield desc, to_primary, from_primary
 
 
 class Primary:
@@ -40,7 +47,12 @@ class Primary:
         self.manager = make_manager(NUM_BLOCKS)
         self.tracker = MirrorTracker(self.manager.block_pool)
         self.kv = [torch.zeros(NUM_BLOCKS, BLOCK_ELEMS) for _ in range(LAYERS)]
-        self.transport = MirrorTransport("primary-engine", self.kv, NUM_BLOCKS)
+        if isinstance(descriptor, StagedStandbyDescriptor):
+            self.transport = StagedMirrorTransport("primary-engine", self.kv, NUM_BLOCKS,
+                                                   RING_BYTES)
+            send(("primary", self.transport.local_metadata()))  # for the acks
+        else:
+            self.transport = MirrorTransport("primary-engine", self.kv, NUM_BLOCKS)
         self.transport.connect(descriptor)
         self.pusher = MirrorPusher(self.transport)
         self.send = send
@@ -142,6 +154,7 @@ def test_write_waits_for_the_ready_event_without_blocking_push(standby):
     req = make_request(list(range(600, 608)))
     prefill(primary.manager, req)
     ops = primary.tracker.take_step_ops()
+    primary.send(("ops", ops))
     event = Event()
     primary.pusher.push(ops, ready=event)
     assert primary.pusher.poll().done == [] and primary.pusher.in_flight_steps == 1
@@ -151,10 +164,9 @@ def test_write_waits_for_the_ready_event_without_blocking_push(standby):
     assert primary.pusher.bytes_pushed == 2 * LAYERS * BLOCK_ELEMS * 4
 
 
-def test_write_without_a_standby_raises_a_transport_error(standby):
-    descriptor, _, _ = standby
+def test_write_without_a_standby_raises_a_transport_error():
     kv = [torch.zeros(NUM_BLOCKS, BLOCK_ELEMS)]
     transport = MirrorTransport("lonely", kv, NUM_BLOCKS)
     with pytest.raises(MirrorTransportError):
-        transport.write([1])
+        transport.write([1], 0)
     transport.close()

@@ -114,6 +114,11 @@ class StandbyIngest:
         self._landed_early.clear()
         return dropped
 
+    def pending_block_ids(self, seq: int) -> list[int] | None:
+        """Target block ids of an announced step not yet landed (None if unknown)."""
+        entry = self._pending.get(seq)
+        return None if entry is None else [b.block_id for b in entry[0].write]
+
     @property
     def lag_steps(self) -> int:
         return len(self._pending)

@@ -25,6 +25,17 @@ logger = init_logger(__name__)
 DEFAULT_BACKEND = "UCX"
 
 
+def step_notification(seq: int) -> bytes:
+    """What the standby receives once step ``seq``'s bytes have landed."""
+    return b"mirror:%d" % seq
+
+
+def parse_step_notification(msg: bytes) -> int | None:
+    if msg.startswith(b"mirror:"):
+        return int(msg[len(b"mirror:"):])
+    return None
+
+
 class MirrorTransportError(RuntimeError):
     """The standby cannot receive this primary's blocks (layout, backend, link)."""
 
@@ -128,6 +139,8 @@ class StandbyEndpoint:
 class MirrorTransport:
     """The primary worker's side: pushes block ids of every layer in one WRITE."""
 
+    requires_ack = False  # the WRITE's completion means the bytes are in place
+
     def __init__(self, name: str, kv_caches: Sequence[torch.Tensor], num_blocks: int,
                  backend: str = DEFAULT_BACKEND) -> None:
         self.regions = kv_regions(kv_caches, num_blocks)
@@ -167,13 +180,13 @@ class MirrorTransport:
         n = self.num_blocks
         return [r * n + b for r in range(len(self.regions)) for b in block_ids]
 
-    def write(self, block_ids: Sequence[int], notif: bytes = b"") -> Any:
-        """Start one WRITE of ``block_ids`` (all layers); returns a handle to poll."""
+    def write(self, block_ids: Sequence[int], seq: int) -> Any:
+        """Start step ``seq``'s WRITE of ``block_ids`` (all layers); a handle to poll."""
         if self._remote is None:
             raise MirrorTransportError("no standby connected")
         idx = self.indices(block_ids)
         handle = self.agent.make_prepped_xfer("WRITE", self._local, idx, self._remote, idx,
-                                              notif_msg=notif)
+                                              notif_msg=step_notification(seq))
         if self.agent.transfer(handle) == "ERR":
             self.agent.release_xfer_handle(handle)
             raise MirrorTransportError("NIXL WRITE failed to start")

@@ -18,7 +18,18 @@ from typing import Any, Protocol
 from vllm.logger import init_logger
 
 from vllm.v1.core.kv_mirror import MirrorStepOps
-from vllm.v1.worker.kv_mirror_transport import MirrorTransport, MirrorTransportError
+from vllm.v1.worker.kv_mirror_transport import MirrorTransportError
+
+
+class Transport(Protocol):
+    """MirrorTransport (direct) or StagedMirrorTransport (gather + ack)."""
+
+    requires_ack: bool
+    bytes_per_block: int
+
+    def write(self, block_ids: list[int], seq: int) -> Any: ...
+
+    def poll(self, handle: Any) -> bool | None: ...
 
 logger = init_logger(__name__)
 
@@ -33,23 +44,14 @@ class MirrorCompletions:
     failed: list[int] = field(default_factory=list)
 
 
-def step_notification(seq: int) -> bytes:
-    return b"mirror:%d" % seq
-
-
-def parse_step_notification(msg: bytes) -> int | None:
-    if msg.startswith(b"mirror:"):
-        return int(msg[len(b"mirror:"):])
-    return None
-
-
 class MirrorPusher:
     """Starts one WRITE per step and reports which steps completed or failed."""
 
-    def __init__(self, transport: MirrorTransport) -> None:
+    def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self._waiting: deque[tuple[MirrorStepOps, ReadyEvent | None]] = deque()
         self._in_flight: dict[int, Any] = {}
+        self._awaiting_ack: set[int] = set()
         self._completions = MirrorCompletions()
         self.bytes_pushed = 0
 
@@ -66,8 +68,7 @@ class MirrorPusher:
             ops, _ = self._waiting.popleft()
             ids = [b.block_id for b in ops.write]
             try:
-                self._in_flight[ops.seq] = self.transport.write(
-                    ids, notif=step_notification(ops.seq))
+                self._in_flight[ops.seq] = self.transport.write(ids, ops.seq)
                 self.bytes_pushed += len(ids) * self.transport.bytes_per_block
             except MirrorTransportError as e:
                 logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
@@ -79,15 +80,25 @@ class MirrorPusher:
         for seq, handle in list(self._in_flight.items()):
             try:
                 if self.transport.poll(handle):
-                    self._completions.done.append(seq)
                     del self._in_flight[seq]
+                    if self.transport.requires_ack:
+                        self._awaiting_ack.add(seq)
+                    else:
+                        self._completions.done.append(seq)
             except MirrorTransportError as e:
                 logger.warning("mirror: step %d failed: %s", seq, e)
                 self._completions.failed.append(seq)
                 del self._in_flight[seq]
+                if self.transport.requires_ack:
+                    self.transport.abandon(seq)
+        if self.transport.requires_ack:
+            for seq in self.transport.poll_acks():
+                if seq in self._awaiting_ack:
+                    self._awaiting_ack.discard(seq)
+                    self._completions.done.append(seq)
         out, self._completions = self._completions, MirrorCompletions()
         return out
 
     @property
     def in_flight_steps(self) -> int:
-        return len(self._waiting) + len(self._in_flight)
+        return len(self._waiting) + len(self._in_flight) + len(self._awaiting_ack)

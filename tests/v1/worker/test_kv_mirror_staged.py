@@ -1,0 +1,84 @@
+"""The staged data plane's pieces: the staging ring, layout checks, round trip in-process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from vllm.v1.worker.kv_mirror_staged import (
+    StagedMirrorTransport,
+    StagedStandbyDescriptor,
+    StagedStandbyEndpoint,
+    StagingRing,
+)
+from vllm.v1.worker.kv_mirror_transport import KVRegion, MirrorTransportError
+
+
+def test_ring_allocates_contiguous_ranges_and_wraps_after_release():
+    ring = StagingRing(100)
+    assert ring.alloc(0, 40) == 0
+    assert ring.alloc(1, 40) == 40
+    assert ring.alloc(2, 40) is None  # 20 left at the end, the start is taken
+    ring.release(0)
+    assert ring.alloc(2, 40) == 0      # wraps into the freed start
+    assert ring.alloc(3, 10) is None   # [40, 80) live, [0, 40) live: only 20 at the end,
+    ring.release(1)                    # but the newest range ends at 40: no reordering
+    assert ring.alloc(3, 50) == 40
+    assert ring.used == 90
+    ring.release(2)
+    ring.release(3)
+    assert ring.used == 0 and ring.alloc(4, 100) == 0
+
+
+def test_ring_refuses_what_can_never_fit():
+    ring = StagingRing(64)
+    assert ring.alloc(0, 65) is None and ring.alloc(1, 0) is None
+
+
+def test_ring_smaller_than_one_block_is_refused():
+    kv = [torch.zeros(8, 64)]
+    with pytest.raises(MirrorTransportError, match="cannot hold one block"):
+        StagedMirrorTransport("tiny-ring", kv, 8, stage_bytes=100)
+
+
+def test_incompatible_ring_or_layout_is_refused():
+    kv = [torch.zeros(8, 64), torch.zeros(8, 64)]
+    primary = StagedMirrorTransport("p-mismatch", kv, 8, stage_bytes=4096)
+    other = StagedStandbyDescriptor("s", b"", "DRAM", 0, 0, 8192,
+                                    tuple(KVRegion(0, 8, 256, 0) for _ in kv))
+    with pytest.raises(MirrorTransportError, match="incompatible standby"):
+        primary.connect(other)
+    primary.close()
+
+
+def test_round_trip_in_one_process_with_ack_and_ring_reuse():
+    src = [torch.randn(8, 64) for _ in range(3)]
+    dst = [torch.zeros(8, 64) for _ in range(3)]
+    ring = 2 * 3 * 64 * 4  # two blocks of all layers
+    standby = StagedStandbyEndpoint("s-rt", dst, 8, ring)
+    primary = StagedMirrorTransport("p-rt", src, 8, ring)
+    primary.connect(standby.descriptor())
+    standby.connect_primary(primary.local_metadata())
+    for seq, ids in enumerate([[1, 6], [3], [7, 2]]):
+        handle = primary.write(ids, seq)
+        deadline = time.monotonic() + 10
+        while primary.poll(handle) is None:
+            assert time.monotonic() < deadline
+        landed = []
+        while not landed:
+            landed = standby.poll_landed()
+            assert time.monotonic() < deadline
+        assert landed == [(seq, landed[0][1], len(ids))]
+        standby.scatter(seq, landed[0][1], ids)
+        acked = []
+        while not acked:
+            acked = primary.poll_acks()
+            assert time.monotonic() < deadline
+        assert acked == [seq] and primary.ring.used == 0
+        for s, d in zip(src, dst):
+            assert torch.equal(d[ids], s[ids])
+    assert not dst[0][[0, 4, 5]].any()
+    primary.close()
+    standby.close()

@@ -1,0 +1,277 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Staged mirror data plane: gather a step's blocks into one contiguous range, WRITE it
+as a single descriptor, scatter it into the standby's KV cache there.
+
+Why: NIXL/UCX costs about 8.5 us per descriptor on an H100 (cuda_ipc), whatever its
+size (``benchmarks/RESULTS.md``), and vLLM keeps each layer in its own tensor, so the
+direct transport needs one descriptor per (layer, block): 8 blocks of an 8B model are
+256 descriptors, ~2.9 ms, about a whole decode step. A gather is one kernel per layer
+at device bandwidth, and the WRITE is one descriptor.
+
+Both sides own a staging ring of the same size; a step takes a contiguous range at the
+same offset on both. Inside a range the layout is layer-major (``k`` blocks of layer 0,
+then of layer 1, ...), so every gather and scatter is one ``index_select`` /
+``index_copy_`` of whole rows. A range is reused only after the standby has scattered it
+and said so (a NIXL notification back), so the primary never overwrites bytes the
+standby has not consumed; a full ring fails the step instead of waiting.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+from vllm.v1.worker.kv_mirror_transport import (
+    DEFAULT_BACKEND,
+    KVRegion,
+    MirrorTransportError,
+    _agent,
+    _mem_type,
+    kv_regions,
+)
+
+logger = init_logger(__name__)
+
+_LANDED = b"mirror-staged:"
+_ACK = b"mirror-scattered:"
+
+
+class StagingRing:
+    """FIFO allocator of contiguous byte ranges, released in (about) the order taken."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._live: deque[tuple[int, int, int]] = deque()  # (seq, offset, size)
+        self._head = 0
+
+    def alloc(self, seq: int, size: int) -> int | None:
+        if size <= 0 or size > self.capacity:
+            return None
+        if not self._live:
+            self._head = 0
+            off = 0
+        else:
+            tail = self._live[0][1]
+            if self._head > tail:  # not wrapped: free are [head, cap) and [0, tail)
+                if self.capacity - self._head >= size:
+                    off = self._head
+                elif tail >= size:
+                    off = 0
+                else:
+                    return None
+            elif tail - self._head >= size:  # wrapped: free is [head, tail)
+                off = self._head
+            else:
+                return None
+        self._head = off + size
+        self._live.append((seq, off, size))
+        return off
+
+    def release(self, seq: int) -> None:
+        for i, (s, _, _) in enumerate(self._live):
+            if s == seq:
+                del self._live[i]
+                return
+
+    @property
+    def used(self) -> int:
+        return sum(size for _, _, size in self._live)
+
+
+def _block_views(kv_caches: Sequence[torch.Tensor], regions: list[KVRegion]
+                 ) -> list[torch.Tensor]:
+    """uint8 [num_blocks, block_bytes] views, one per region (shared tensors once)."""
+    views, seen = [], set()
+    for t in kv_caches:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        r = regions[len(views)]
+        views.append(t.view(-1).view(torch.uint8).view(r.num_blocks, r.block_bytes))
+    return views
+
+
+@dataclass(frozen=True)
+class StagedStandbyDescriptor:
+    agent_name: str
+    agent_metadata: bytes
+    mem_type: str
+    device_id: int
+    stage_base: int
+    stage_bytes: int
+    regions: tuple[KVRegion, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["regions"] = [asdict(r) for r in self.regions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StagedStandbyDescriptor:
+        return cls(**{**d, "regions": tuple(KVRegion(**r) for r in d["regions"])})
+
+
+class _StagedSide:
+    def __init__(self, name: str, kv_caches: Sequence[torch.Tensor], num_blocks: int,
+                 stage_bytes: int, backend: str) -> None:
+        self.name = name
+        self.regions = kv_regions(kv_caches, num_blocks)
+        self.views = _block_views(kv_caches, self.regions)
+        self.row_bytes = sum(r.block_bytes for r in self.regions)
+        if stage_bytes < self.row_bytes:
+            raise MirrorTransportError(
+                f"staging ring of {stage_bytes} bytes cannot hold one block "
+                f"({self.row_bytes} bytes over all layers)")
+        self.device = kv_caches[0].device
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else 0
+        self.mem_type = _mem_type(kv_caches)
+        self.stage = torch.empty(stage_bytes, dtype=torch.uint8, device=self.device)
+        self.agent = _agent(name, backend)
+        self._reg = self.agent.register_memory(
+            [(self.stage.data_ptr(), stage_bytes, self.device_id, "")], self.mem_type)
+
+    def _chunks(self, off: int, k: int) -> list[torch.Tensor]:
+        out, pos = [], off
+        for r in self.regions:
+            out.append(self.stage[pos:pos + k * r.block_bytes].view(k, r.block_bytes))
+            pos += k * r.block_bytes
+        return out
+
+    def close(self) -> None:
+        self.agent.deregister_memory(self._reg)
+
+
+class StagedStandbyEndpoint(_StagedSide):
+    """Standby side: receives ranges, scatters them into its KV cache, acknowledges."""
+
+    def __init__(self, name: str, kv_caches: Sequence[torch.Tensor], num_blocks: int,
+                 stage_bytes: int, backend: str = DEFAULT_BACKEND) -> None:
+        super().__init__(name, kv_caches, num_blocks, stage_bytes, backend)
+        self._primary: str | None = None
+
+    def descriptor(self) -> StagedStandbyDescriptor:
+        return StagedStandbyDescriptor(self.name, self.agent.get_agent_metadata(),
+                                       self.mem_type, self.device_id,
+                                       self.stage.data_ptr(), self.stage.numel(),
+                                       tuple(self.regions))
+
+    def connect_primary(self, primary_metadata: bytes) -> None:
+        self._primary = self.agent.add_remote_agent(primary_metadata)
+
+    def poll_landed(self) -> list[tuple[int, int, int]]:
+        """(seq, offset, num_blocks) of every range that landed since the last call."""
+        out = []
+        for msgs in self.agent.get_new_notifs().values():
+            for m in msgs:
+                if m.startswith(_LANDED):
+                    seq, off, k = (int(x) for x in m[len(_LANDED):].split(b":"))
+                    out.append((seq, off, k))
+        return out
+
+    def scatter(self, seq: int, off: int, block_ids: Sequence[int]) -> None:
+        """Copy a landed range into the KV cache at ``block_ids``, then acknowledge."""
+        idx = torch.tensor(list(block_ids), device=self.device)
+        for view, chunk in zip(self.views, self._chunks(off, len(block_ids))):
+            view.index_copy_(0, idx, chunk)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        if self._primary is not None:
+            self.agent.send_notif(self._primary, _ACK + b"%d" % seq)
+
+
+class StagedMirrorTransport(_StagedSide):
+    """Primary side: gather -> one-descriptor WRITE; a step is done when acknowledged."""
+
+    requires_ack = True
+
+    def __init__(self, name: str, kv_caches: Sequence[torch.Tensor], num_blocks: int,
+                 stage_bytes: int, backend: str = DEFAULT_BACKEND) -> None:
+        super().__init__(name, kv_caches, num_blocks, stage_bytes, backend)
+        self.num_blocks = num_blocks
+        self.bytes_per_block = self.row_bytes
+        self.ring = StagingRing(stage_bytes)
+        self._remote: StagedStandbyDescriptor | None = None
+        self._remote_name: str | None = None
+
+    def local_metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def connect(self, standby: StagedStandbyDescriptor) -> None:
+        mine = [(r.num_blocks, r.block_bytes) for r in self.regions]
+        theirs = [(r.num_blocks, r.block_bytes) for r in standby.regions]
+        if mine != theirs or standby.stage_bytes != self.ring.capacity:
+            raise MirrorTransportError(
+                "incompatible standby: primary has (blocks, bytes/block) "
+                f"{sorted(set(mine))} x{len(mine)} and a {self.ring.capacity}-byte ring, "
+                f"standby {sorted(set(theirs))} x{len(theirs)} and {standby.stage_bytes}; "
+                "start the standby with the same model, dtype, block size and "
+                "--num-gpu-blocks-override")
+        self.disconnect()
+        self._remote_name = self.agent.add_remote_agent(standby.agent_metadata)
+        self._remote = standby
+
+    @property
+    def connected(self) -> bool:
+        return self._remote is not None
+
+    def write(self, block_ids: Sequence[int], seq: int) -> Any:
+        if self._remote is None:
+            raise MirrorTransportError("no standby connected")
+        k = len(block_ids)
+        off = self.ring.alloc(seq, k * self.row_bytes)
+        if off is None:
+            raise MirrorTransportError(
+                f"staging ring full ({self.ring.used} of {self.ring.capacity} bytes "
+                "awaiting the standby): the standby is falling behind")
+        idx = torch.tensor(list(block_ids), device=self.device)
+        for view, chunk in zip(self.views, self._chunks(off, k)):
+            torch.index_select(view, 0, idx, out=chunk)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        size = k * self.row_bytes
+        local = self.agent.get_xfer_descs([(self.stage.data_ptr() + off, size,
+                                            self.device_id)], self.mem_type)
+        remote = self.agent.get_xfer_descs([(self._remote.stage_base + off, size,
+                                             self._remote.device_id)], self._remote.mem_type)
+        handle = self.agent.initialize_xfer("WRITE", local, remote, self._remote_name,
+                                            notif_msg=_LANDED + b"%d:%d:%d" % (seq, off, k))
+        if self.agent.transfer(handle) == "ERR":
+            self.agent.release_xfer_handle(handle)
+            self.ring.release(seq)
+            raise MirrorTransportError("NIXL WRITE failed to start")
+        return handle
+
+    def poll(self, handle: Any) -> bool | None:
+        state = self.agent.check_xfer_state(handle)
+        if state == "DONE":
+            self.agent.release_xfer_handle(handle)
+            return True
+        if state == "ERR":
+            self.agent.release_xfer_handle(handle)
+            raise MirrorTransportError("NIXL WRITE failed")
+        return None
+
+    def poll_acks(self) -> list[int]:
+        """Steps the standby has scattered; their ring ranges are free again."""
+        acked = []
+        for msgs in self.agent.get_new_notifs().values():
+            for m in msgs:
+                if m.startswith(_ACK):
+                    seq = int(m[len(_ACK):])
+                    self.ring.release(seq)
+                    acked.append(seq)
+        return acked
+
+    def abandon(self, seq: int) -> None:
+        """A step that will never be acknowledged (failed): free its range."""
+        self.ring.release(seq)
+
+    def disconnect(self) -> None:
+        if self._remote_name is not None:
+            self.agent.remove_remote_agent(self._remote_name)
+        self._remote = self._remote_name = None
