@@ -53,12 +53,16 @@ def test_incompatible_ring_or_layout_is_refused():
     primary.close()
 
 
-def test_round_trip_in_one_process_with_ack_and_ring_reuse():
-    src = [torch.randn(8, 64) for _ in range(3)]
-    dst = [torch.zeros(8, 64) for _ in range(3)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_round_trip_in_one_process_with_ack_and_ring_reuse(device):
+    src = [torch.randn(8, 64, device=device) for _ in range(3)]
+    dst = [torch.zeros(8, 64, device=device) for _ in range(3)]
     ring = 2 * 3 * 64 * 4  # two blocks of all layers
-    standby = StagedStandbyEndpoint("s-rt", dst, 8, ring)
-    primary = StagedMirrorTransport("p-rt", src, 8, ring)
+    standby = StagedStandbyEndpoint(f"s-rt-{device}", dst, 8, ring)
+    primary = StagedMirrorTransport(f"p-rt-{device}", src, 8, ring)
     primary.connect(standby.descriptor())
     standby.connect_primary(primary.local_metadata())
     for seq, ids in enumerate([[1, 6], [3], [7, 2]]):

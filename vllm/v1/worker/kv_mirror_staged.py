@@ -116,6 +116,18 @@ class StagedStandbyDescriptor:
         return cls(**{**d, "regions": tuple(KVRegion(**r) for r in d["regions"])})
 
 
+@dataclass
+class _StagedWrite:
+    """One step's write: its ring range, then the gather's event, then NIXL's handle."""
+
+    seq: int
+    off: int
+    k: int
+    idx: torch.Tensor | None = None  # kept alive until the gather has run
+    gathered: torch.cuda.Event | None = None
+    handle: Any = None
+
+
 class _StagedSide:
     def __init__(self, name: str, kv_caches: Sequence[torch.Tensor], num_blocks: int,
                  stage_bytes: int, backend: str) -> None:
@@ -195,6 +207,8 @@ class StagedMirrorTransport(_StagedSide):
         self.num_blocks = num_blocks
         self.bytes_per_block = self.row_bytes
         self.ring = StagingRing(stage_bytes)
+        self._stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
+                        else None)
         self._remote: StagedStandbyDescriptor | None = None
         self._remote_name: str | None = None
 
@@ -219,7 +233,13 @@ class StagedMirrorTransport(_StagedSide):
     def connected(self) -> bool:
         return self._remote is not None
 
-    def write(self, block_ids: Sequence[int], seq: int) -> Any:
+    def write(self, block_ids: Sequence[int], seq: int) -> _StagedWrite:
+        """Gather step ``seq``'s blocks into the ring and post their WRITE.
+
+        On CUDA the gather runs on a side stream ordered after the work already
+        queued on the current stream (the forward that wrote the blocks), and the
+        WRITE is posted by :meth:`poll` once the gather has finished: the caller's
+        thread never waits for the device."""
         if self._remote is None:
             raise MirrorTransportError("no standby connected")
         k = len(block_ids)
@@ -228,31 +248,53 @@ class StagedMirrorTransport(_StagedSide):
             raise MirrorTransportError(
                 f"staging ring full ({self.ring.used} of {self.ring.capacity} bytes "
                 "awaiting the standby): the standby is falling behind")
-        idx = torch.tensor(list(block_ids), device=self.device)
-        for view, chunk in zip(self.views, self._chunks(off, k)):
-            torch.index_select(view, 0, idx, out=chunk)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        size = k * self.row_bytes
-        local = self.agent.get_xfer_descs([(self.stage.data_ptr() + off, size,
+        pending = _StagedWrite(seq, off, k)
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                pending.idx = torch.tensor(list(block_ids), device=self.device)
+                self._gather(pending)
+                pending.gathered = torch.cuda.Event()
+                pending.gathered.record(self._stream)
+        else:
+            pending.idx = torch.tensor(list(block_ids))
+            self._gather(pending)
+        self._post(pending)
+        return pending
+
+    def _gather(self, w: _StagedWrite) -> None:
+        for view, chunk in zip(self.views, self._chunks(w.off, w.k)):
+            torch.index_select(view, 0, w.idx, out=chunk)
+
+    def _post(self, w: _StagedWrite) -> None:
+        if w.gathered is not None and not w.gathered.query():
+            return
+        size = w.k * self.row_bytes
+        local = self.agent.get_xfer_descs([(self.stage.data_ptr() + w.off, size,
                                             self.device_id)], self.mem_type)
-        remote = self.agent.get_xfer_descs([(self._remote.stage_base + off, size,
+        remote = self.agent.get_xfer_descs([(self._remote.stage_base + w.off, size,
                                              self._remote.device_id)], self._remote.mem_type)
-        handle = self.agent.initialize_xfer("WRITE", local, remote, self._remote_name,
-                                            notif_msg=_LANDED + b"%d:%d:%d" % (seq, off, k))
+        handle = self.agent.initialize_xfer(
+            "WRITE", local, remote, self._remote_name,
+            notif_msg=_LANDED + b"%d:%d:%d" % (w.seq, w.off, w.k))
         if self.agent.transfer(handle) == "ERR":
             self.agent.release_xfer_handle(handle)
-            self.ring.release(seq)
+            self.ring.release(w.seq)
             raise MirrorTransportError("NIXL WRITE failed to start")
-        return handle
+        w.handle, w.idx = handle, None
 
-    def poll(self, handle: Any) -> bool | None:
-        state = self.agent.check_xfer_state(handle)
+    def poll(self, w: _StagedWrite) -> bool | None:
+        """True when the WRITE is done, None while gathering or in flight."""
+        if w.handle is None:
+            self._post(w)
+            if w.handle is None:
+                return None
+        state = self.agent.check_xfer_state(w.handle)
         if state == "DONE":
-            self.agent.release_xfer_handle(handle)
+            self.agent.release_xfer_handle(w.handle)
             return True
         if state == "ERR":
-            self.agent.release_xfer_handle(handle)
+            self.agent.release_xfer_handle(w.handle)
             raise MirrorTransportError("NIXL WRITE failed")
         return None
 
