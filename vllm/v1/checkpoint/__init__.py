@@ -1,0 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fast restart (``POST /checkpoint`` / ``POST /restore``): the pieces built so far.
+
+``byteplane``: compression of offloaded weights and KV blocks, byte planes apart.
+"""
