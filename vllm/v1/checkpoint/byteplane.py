@@ -71,13 +71,16 @@ class NvcompPlaneCodec:
         self._codec = nvcomp.Codec(algorithm=algorithm)
         self.name = f"nvcomp-{algorithm.lower()}"
 
+    # Results come back through __cuda_array_interface__ (the tensor keeps nvCOMP's
+    # buffer alive); nvCOMP 6.0's __dlpack__ exported a wrong length and a buffer it
+    # could not read back on an H100 (heap corruption in the test run).
     def encode(self, plane: torch.Tensor) -> torch.Tensor:
         out = self._codec.encode(self._nvcomp.as_array(plane))
-        return torch.from_dlpack(out).view(torch.uint8).reshape(-1)
+        return torch.as_tensor(out, device=plane.device).view(torch.uint8).reshape(-1)
 
     def decode(self, data: torch.Tensor, nbytes: int) -> torch.Tensor:
         out = self._codec.decode(self._nvcomp.as_array(data))
-        plane = torch.from_dlpack(out).view(torch.uint8).reshape(-1)
+        plane = torch.as_tensor(out, device=data.device).view(torch.uint8).reshape(-1)
         if plane.numel() != nbytes:
             raise ValueError(f"corrupt plane: {plane.numel()} bytes decoded, {nbytes} expected")
         return plane
