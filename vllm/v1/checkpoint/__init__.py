@@ -2,4 +2,5 @@
 """Fast restart (``POST /checkpoint`` / ``POST /restore``): the pieces built so far.
 
 ``byteplane``: compression of offloaded weights and KV blocks, byte planes apart.
+``state``: the checkpoint lifecycle and the calls each state allows.
 """
