@@ -49,6 +49,14 @@ def prefill(manager: KVCacheManager, req: Request) -> list[int]:
     return list(manager.get_block_ids(req.request_id)[0])
 
 
+def prefilled_ops(manager: KVCacheManager, tracker: MirrorTracker,
+                  tokens: list[int]) -> tuple[Request, MirrorStepOps]:
+    """A request prefilled in one step, and that step's mirror ops."""
+    req = make_request(tokens)
+    prefill(manager, req)
+    return req, tracker.take_step_ops()
+
+
 def decode(manager: KVCacheManager, req: Request, token: int) -> None:
     """One decode step: the token computed last step joins the sequence."""
     req.append_output_token_ids(token)
@@ -138,9 +146,7 @@ def test_eviction_is_reported_before_the_reused_block_is_written(primary):
 
 def test_failed_copy_unpins_and_is_counted(primary):
     manager, tracker = primary
-    req = make_request(list(range(12)))
-    prefill(manager, req)
-    ops = tracker.take_step_ops()
+    req, ops = prefilled_ops(manager, tracker, list(range(12)))
     tracker.fail_all()
     assert tracker.num_blocks_failed == 3 and tracker.lag_blocks == 0
     manager.free(req)
@@ -262,9 +268,7 @@ def test_one_tracker_per_pool_and_standby_needs_caching(primary):
 def test_landing_before_the_ops_arrive_still_publishes(primary, standby_pool):
     manager, tracker = primary
     standby, ingest = standby_pool
-    req = make_request(list(range(13)))
-    prefill(manager, req)
-    ops = tracker.take_step_ops()
+    req, ops = prefilled_ops(manager, tracker, list(range(13)))
     ingest.on_landed(ops.seq)  # the NIXL notification overtook the ops message
     assert standby.get_computed_blocks(make_request(list(range(13))))[1] == 0
     ingest.receive_ops(ops)
@@ -275,9 +279,7 @@ def test_landing_before_the_ops_arrive_still_publishes(primary, standby_pool):
 def test_hashes_are_never_published_before_the_bytes_land(primary, standby_pool):
     manager, tracker = primary
     standby, ingest = standby_pool
-    req = make_request(list(range(9)))
-    prefill(manager, req)
-    ops = tracker.take_step_ops()
+    req, ops = prefilled_ops(manager, tracker, list(range(9)))
     ingest.receive_ops(ops)
     probe = make_request(list(range(9)))
     assert standby.get_computed_blocks(probe)[1] == 0
@@ -290,12 +292,8 @@ def test_hashes_are_never_published_before_the_bytes_land(primary, standby_pool)
 def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
     manager, tracker = primary
     standby, ingest = standby_pool
-    first = make_request(list(range(8)))
-    prefill(manager, first)
-    a = tracker.take_step_ops()
-    second = make_request(list(range(100, 112)))
-    prefill(manager, second)
-    b = tracker.take_step_ops()
+    first, a = prefilled_ops(manager, tracker, list(range(8)))
+    second, b = prefilled_ops(manager, tracker, list(range(100, 112)))
     ingest.receive_ops(a)
     ingest.receive_ops(b)
     ingest.on_landed(a.seq)
@@ -308,9 +306,7 @@ def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
 def test_block_resent_while_pending_holds_two_reservations(primary, standby_pool):
     manager, tracker = primary
     standby, ingest = standby_pool
-    req = make_request(list(range(8)))
-    prefill(manager, req)
-    ops = tracker.take_step_ops()
+    req, ops = prefilled_ops(manager, tracker, list(range(8)))
     again = MirrorStepOps(ops.seq + 100, [], list(ops.write))
     ingest.receive_ops(ops)
     ingest.receive_ops(again)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from vllm.logger import init_logger
 
 from vllm.v1.worker.kv_mirror_transport import (
     DEFAULT_BACKEND,
+    DescriptorDict,
     KVRegion,
     MirrorTransportError,
     _agent,
@@ -97,7 +98,9 @@ def _block_views(kv_caches: Sequence[torch.Tensor], regions: list[KVRegion]
 
 
 @dataclass(frozen=True)
-class StagedStandbyDescriptor:
+class StagedStandbyDescriptor(DescriptorDict):
+    """The standby's NIXL metadata, KV layout and staging ring."""
+
     agent_name: str
     agent_metadata: bytes
     mem_type: str
@@ -105,15 +108,6 @@ class StagedStandbyDescriptor:
     stage_base: int
     stage_bytes: int
     regions: tuple[KVRegion, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["regions"] = [asdict(r) for r in self.regions]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StagedStandbyDescriptor:
-        return cls(**{**d, "regions": tuple(KVRegion(**r) for r in d["regions"])})
 
 
 @dataclass

@@ -91,24 +91,25 @@ def _agent(name: str, backend: str):
         raise MirrorTransportError(f"NIXL backend {backend} does not load: {e}") from None
 
 
+class DescriptorDict:
+    """Plain-dict round trip for standby descriptors (they cross process queues)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # nested KVRegions become dicts too
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**{**d, "regions": tuple(KVRegion(**r) for r in d["regions"])})
+
+
 @dataclass(frozen=True)
-class StandbyDescriptor:
+class StandbyDescriptor(DescriptorDict):
     """What the primary needs to push into a standby: its NIXL metadata and layout."""
 
     agent_name: str
     agent_metadata: bytes
     mem_type: str
     regions: tuple[KVRegion, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["regions"] = [asdict(r) for r in self.regions]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StandbyDescriptor:
-        return cls(d["agent_name"], d["agent_metadata"], d["mem_type"],
-                   tuple(KVRegion(**r) for r in d["regions"]))
 
 
 class StandbyEndpoint:
