@@ -24,7 +24,7 @@ if [ "$what" = check ] || [ "$what" = all ]; then
     | tee -a "$LOG/ha-check.txt"
 fi
 if [ "$what" = test ] || [ "$what" = all ]; then
-  python3 -m pytest -v -p no:cacheprovider tests/test_distribution.py tests/entrypoints \
+  python3 -m pytest -v -p no:cacheprovider tests/test_distribution.py tests/entrypoints tests/v1 \
     2>&1 | tee "$LOG/pytest.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
