@@ -3,4 +3,5 @@
 
 ``byteplane``: compression of offloaded weights and KV blocks, byte planes apart.
 ``state``: the checkpoint lifecycle and the calls each state allows.
+``snapshot``: snapshots on disk, whole or absent, verified before use.
 """
