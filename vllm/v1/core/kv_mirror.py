@@ -47,9 +47,6 @@ class MirrorStepOps:
     invalidate: list[BlockHashWithGroupId] = field(default_factory=list)
     write: list[MirroredBlock] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.invalidate or self.write)
-
 
 class MirrorTracker:
     """Records, pins and hands out the primary's blocks to mirror, step by step."""
@@ -132,10 +129,3 @@ class MirrorTracker:
     def lag_blocks(self) -> int:
         """Blocks whose copy is not yet on the standby (pending + in flight)."""
         return len(self._pending) + sum(len(b) for b in self._in_flight.values())
-
-    @property
-    def pinned_block_ids(self) -> set[int]:
-        ids = set(self._pending)
-        for blocks in self._in_flight.values():
-            ids.update(b.block_id for b in blocks)
-        return ids

@@ -33,7 +33,11 @@ from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransportError,
     _agent,
     _mem_type,
+    check_layout,
     kv_regions,
+    poll_xfer,
+    start_xfer,
+    unique_tensors,
 )
 
 logger = init_logger(__name__)
@@ -86,15 +90,9 @@ class StagingRing:
 
 def _block_views(kv_caches: Sequence[torch.Tensor], regions: list[KVRegion]
                  ) -> list[torch.Tensor]:
-    """uint8 [num_blocks, block_bytes] views, one per region (shared tensors once)."""
-    views, seen = [], set()
-    for t in kv_caches:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        r = regions[len(views)]
-        views.append(t.view(-1).view(torch.uint8).view(r.num_blocks, r.block_bytes))
-    return views
+    """uint8 [num_blocks, block_bytes] views, one per region."""
+    return [t.view(-1).view(torch.uint8).view(r.num_blocks, r.block_bytes)
+            for t, r in zip(unique_tensors(kv_caches), regions)]
 
 
 @dataclass(frozen=True)
@@ -210,15 +208,11 @@ class StagedMirrorTransport(_StagedSide):
         return self.agent.get_agent_metadata()
 
     def connect(self, standby: StagedStandbyDescriptor) -> None:
-        mine = [(r.num_blocks, r.block_bytes) for r in self.regions]
-        theirs = [(r.num_blocks, r.block_bytes) for r in standby.regions]
-        if mine != theirs or standby.stage_bytes != self.ring.capacity:
+        check_layout(self.regions, standby.regions)
+        if standby.stage_bytes != self.ring.capacity:
             raise MirrorTransportError(
-                "incompatible standby: primary has (blocks, bytes/block) "
-                f"{sorted(set(mine))} x{len(mine)} and a {self.ring.capacity}-byte ring, "
-                f"standby {sorted(set(theirs))} x{len(theirs)} and {standby.stage_bytes}; "
-                "start the standby with the same model, dtype, block size and "
-                "--num-gpu-blocks-override")
+                f"incompatible standby staging ring: primary {self.ring.capacity} bytes, "
+                f"standby {standby.stage_bytes}; start both with the same ring size")
         self.disconnect()
         self._remote_name = self.agent.add_remote_agent(standby.agent_metadata)
         self._remote = standby
@@ -271,11 +265,11 @@ class StagedMirrorTransport(_StagedSide):
         handle = self.agent.initialize_xfer(
             "WRITE", local, remote, self._remote_name,
             notif_msg=_LANDED + b"%d:%d:%d" % (w.seq, w.off, w.k))
-        if self.agent.transfer(handle) == "ERR":
-            self.agent.release_xfer_handle(handle)
+        try:
+            w.handle, w.idx = start_xfer(self.agent, handle), None
+        except MirrorTransportError:
             self.ring.release(w.seq)
-            raise MirrorTransportError("NIXL WRITE failed to start")
-        w.handle, w.idx = handle, None
+            raise
 
     def poll(self, w: _StagedWrite) -> bool | None:
         """True when the WRITE is done, None while gathering or in flight."""
@@ -283,14 +277,7 @@ class StagedMirrorTransport(_StagedSide):
             self._post(w)
             if w.handle is None:
                 return None
-        state = self.agent.check_xfer_state(w.handle)
-        if state == "DONE":
-            self.agent.release_xfer_handle(w.handle)
-            return True
-        if state == "ERR":
-            self.agent.release_xfer_handle(w.handle)
-            raise MirrorTransportError("NIXL WRITE failed")
-        return None
+        return poll_xfer(self.agent, w.handle)
 
     def poll_acks(self) -> list[int]:
         """Steps the standby has scattered; their ring ranges are free again."""

@@ -54,14 +54,18 @@ class KVRegion:
                 for i in range(self.num_blocks)]
 
 
-def kv_regions(kv_caches: Iterable[torch.Tensor], num_blocks: int) -> list[KVRegion]:
-    """Regions of a worker's KV cache tensors (layers sharing a tensor count once)."""
-    regions: list[KVRegion] = []
-    seen: set[int] = set()
+def unique_tensors(kv_caches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The distinct KV cache tensors (layers that share a tensor count once)."""
+    out: dict[int, torch.Tensor] = {}
     for t in kv_caches:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
+        out.setdefault(t.data_ptr(), t)
+    return list(out.values())
+
+
+def kv_regions(kv_caches: Iterable[torch.Tensor], num_blocks: int) -> list[KVRegion]:
+    """Regions of a worker's KV cache tensors, one per distinct tensor."""
+    regions: list[KVRegion] = []
+    for t in unique_tensors(kv_caches):
         if not t.is_contiguous():
             raise MirrorTransportError("KV cache tensors must be contiguous to mirror")
         nbytes = t.numel() * t.element_size()
@@ -73,6 +77,38 @@ def kv_regions(kv_caches: Iterable[torch.Tensor], num_blocks: int) -> list[KVReg
     if not regions:
         raise MirrorTransportError("no KV cache tensors to mirror")
     return regions
+
+
+def check_layout(mine: Sequence[KVRegion], theirs: Sequence[KVRegion]) -> None:
+    """Primary and standby must agree on regions, block count and block size."""
+    a = [(r.num_blocks, r.block_bytes) for r in mine]
+    b = [(r.num_blocks, r.block_bytes) for r in theirs]
+    if a != b:
+        raise MirrorTransportError(
+            "incompatible standby KV cache: primary has "
+            f"{len(a)} region(s) of (blocks, bytes/block) {sorted(set(a))}, "
+            f"standby has {len(b)} of {sorted(set(b))}; start the standby "
+            "with the same model, dtype, block size and --num-gpu-blocks-override")
+
+
+def start_xfer(agent: Any, handle: Any) -> Any:
+    """Post a prepared transfer; on failure release it and raise."""
+    if agent.transfer(handle) == "ERR":
+        agent.release_xfer_handle(handle)
+        raise MirrorTransportError("NIXL WRITE failed to start")
+    return handle
+
+
+def poll_xfer(agent: Any, handle: Any) -> bool | None:
+    """True when done (handle released), None while in progress; raises on failure."""
+    state = agent.check_xfer_state(handle)
+    if state == "DONE":
+        agent.release_xfer_handle(handle)
+        return True
+    if state == "ERR":
+        agent.release_xfer_handle(handle)
+        raise MirrorTransportError("NIXL WRITE failed")
+    return None
 
 
 def _mem_type(kv_caches: Sequence[torch.Tensor]) -> str:
@@ -159,14 +195,7 @@ class MirrorTransport:
 
     def connect(self, standby: StandbyDescriptor) -> None:
         """Check the standby's layout matches ours, then prepare its descriptors."""
-        mine = [(r.num_blocks, r.block_bytes) for r in self.regions]
-        theirs = [(r.num_blocks, r.block_bytes) for r in standby.regions]
-        if mine != theirs:
-            raise MirrorTransportError(
-                "incompatible standby KV cache: primary has "
-                f"{len(mine)} region(s) of (blocks, bytes/block) {sorted(set(mine))}, "
-                f"standby has {len(theirs)} of {sorted(set(theirs))}; start the standby "
-                "with the same model, dtype, block size and --num-gpu-blocks-override")
+        check_layout(self.regions, standby.regions)
         self.disconnect()
         self._remote_name = self.agent.add_remote_agent(standby.agent_metadata)
         self._remote = self.agent.prep_xfer_dlist(
@@ -186,23 +215,12 @@ class MirrorTransport:
         if self._remote is None:
             raise MirrorTransportError("no standby connected")
         idx = self.indices(block_ids)
-        handle = self.agent.make_prepped_xfer("WRITE", self._local, idx, self._remote, idx,
-                                              notif_msg=step_notification(seq))
-        if self.agent.transfer(handle) == "ERR":
-            self.agent.release_xfer_handle(handle)
-            raise MirrorTransportError("NIXL WRITE failed to start")
-        return handle
+        return start_xfer(self.agent, self.agent.make_prepped_xfer(
+            "WRITE", self._local, idx, self._remote, idx, notif_msg=step_notification(seq)))
 
     def poll(self, handle: Any) -> bool | None:
         """True when done, None while in progress; raises if the transfer failed."""
-        state = self.agent.check_xfer_state(handle)
-        if state == "DONE":
-            self.agent.release_xfer_handle(handle)
-            return True
-        if state == "ERR":
-            self.agent.release_xfer_handle(handle)
-            raise MirrorTransportError("NIXL WRITE failed")
-        return None
+        return poll_xfer(self.agent, handle)
 
     def disconnect(self) -> None:
         if self._remote is not None:
