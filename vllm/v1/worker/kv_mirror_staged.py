@@ -298,3 +298,7 @@ class StagedMirrorTransport(_StagedSide):
         if self._remote_name is not None:
             self.agent.remove_remote_agent(self._remote_name)
         self._remote = self._remote_name = None
+
+    def close(self) -> None:
+        self.disconnect()
+        super().close()
