@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -124,6 +125,8 @@ def check_devices() -> CheckResult:
                         "cpu_count": os.cpu_count()})
 
 
+# Both driver checks need these; they do not change while the process runs.
+@functools.cache
 def _load_libcuda() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libcuda.so.1")
@@ -131,6 +134,7 @@ def _load_libcuda() -> ctypes.CDLL | None:
         return None
 
 
+@functools.cache
 def _driver_version() -> str | None:
     try:
         with open("/proc/driver/nvidia/version") as f:
