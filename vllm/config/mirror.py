@@ -1,16 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """Settings of KV mirroring to a hot standby (``--mirror-*``).
 
-Not yet reachable from ``vllm serve``: the flags are added with the engine wiring
-(docs/kv-mirroring.md). Validation lives here so every entry point refuses the same
-bad input with the same message, naming the flag.
+Patch 0003 adds the flags to ``EngineArgs`` (:func:`add_cli_args`) and the resulting
+``MirrorConfig`` to ``VllmConfig.mirror_config`` (:func:`from_engine_args`); validation
+lives here so every entry point refuses the same bad input with the same message,
+naming the flag.
 """
 
-from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import model_validator
 from vllm.config.utils import config
@@ -26,7 +27,7 @@ class MirrorPeer:
     index: int | None = None
 
     @classmethod
-    def parse(cls, value: str) -> MirrorPeer:
+    def parse(cls, value: str) -> "MirrorPeer":
         value = value.strip()
         if value == "cpu":
             return cls("cpu")
@@ -45,7 +46,7 @@ class MirrorPeer:
 class MirrorConfig:
     """Configuration for KV mirroring to a hot standby engine."""
 
-    peer: str
+    peer: str = "cpu"
     """Where the standby engine runs: ``cpu`` or ``cuda:N``. Every KV block the
     primary fills is copied there and registered in the standby's prefix cache."""
 
@@ -53,9 +54,10 @@ class MirrorConfig:
     """How blocks travel: ``staged`` gathers a step's blocks into one NIXL
     descriptor (fast on GPUs), ``direct`` sends one descriptor per layer and block."""
 
-    tail_sync_interval: int = 0
-    """Also mirror each request's partly filled last block every N steps
-    (0: only full blocks are mirrored; the tail is recomputed on failover)."""
+    staging_mib: int = 256
+    """Size of the staging ring of the ``staged`` transport, on each side, in MiB.
+    It bounds the bytes of steps in flight to the standby; a step that does not
+    fit is not mirrored (its blocks are reported failed, the primary goes on)."""
 
     required: bool = False
     """Refuse to serve while the standby is not in sync (instead of serving
@@ -65,15 +67,14 @@ class MirrorConfig:
     """Allow the standby on the primary's own device (testing with one GPU)."""
 
     @model_validator(mode="after")
-    def _validate(self) -> MirrorConfig:
+    def _validate(self) -> "MirrorConfig":
         MirrorPeer.parse(self.peer)
-        if self.tail_sync_interval < 0:
-            raise ValueError(
-                f"--mirror-tail-sync-interval must be >= 0, got {self.tail_sync_interval}")
+        if self.staging_mib < 1:
+            raise ValueError(f"--mirror-staging-mib must be >= 1, got {self.staging_mib}")
         return self
 
     @property
-    def peer_device(self) -> MirrorPeer:
+    def peer_device(self) -> "MirrorPeer":
         return MirrorPeer.parse(self.peer)
 
     def check_devices(self, primary_device: str, num_cuda_devices: int) -> None:
@@ -90,3 +91,40 @@ class MirrorConfig:
                 f"--mirror-peer {peer} is the primary's own device: a standby there "
                 "does not survive a GPU fault; pass --mirror-allow-same-device to do "
                 "it anyway (testing)")
+
+
+# EngineArgs field -> MirrorConfig field; the flag is ``--`` + the EngineArgs field
+# with dashes (upstream naming: one ``--mirror-*`` group, like ``--kv-*``).
+_ENGINE_ARGS = {"mirror_peer": "peer", "mirror_transport": "transport",
+                "mirror_staging_mib": "staging_mib", "mirror_required": "required",
+                "mirror_allow_same_device": "allow_same_device"}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The ``MirrorConfig`` argument group of ``vllm serve`` (help from the docstrings)."""
+    from vllm.engine.arg_utils import get_kwargs
+
+    kwargs = get_kwargs(MirrorConfig)
+    group = parser.add_argument_group(
+        title="MirrorConfig",
+        description="KV mirroring to a hot standby engine (vLLM-HA, docs/kv-mirroring.md).")
+    for arg, field_name in _ENGINE_ARGS.items():
+        kw = dict(kwargs[field_name])
+        kw.pop("required", None)
+        kw["default"] = None if field_name == "peer" else kw.get("default")
+        group.add_argument("--" + arg.replace("_", "-"), **kw)
+
+
+def from_engine_args(args: Any) -> "MirrorConfig | None":
+    """``VllmConfig.mirror_config`` from parsed ``EngineArgs`` (None: no mirroring)."""
+    if getattr(args, "mirror_peer", None) is None:
+        for arg in list(_ENGINE_ARGS)[1:]:
+            if getattr(args, arg, None) not in (None, False, MirrorConfig.__dataclass_fields__[
+                    _ENGINE_ARGS[arg]].default):
+                raise ValueError(f"--{arg.replace('_', '-')} needs --mirror-peer")
+        return None
+    if getattr(args, "enable_prefix_caching", None) is False:
+        raise ValueError("--mirror-peer needs prefix caching: the mirror copies the blocks "
+                         "the prefix cache hashes (drop --no-enable-prefix-caching)")
+    return MirrorConfig(**{f: getattr(args, a) for a, f in _ENGINE_ARGS.items()
+                           if getattr(args, a, None) is not None})

@@ -51,11 +51,13 @@ class MirrorStepOps:
 class MirrorTracker:
     """Records, pins and hands out the primary's blocks to mirror, step by step."""
 
-    def __init__(self, block_pool: BlockPool) -> None:
+    def __init__(self, block_pool: BlockPool, first_seq: int = 0) -> None:
         if block_pool.mirror is not None:
             raise ValueError("the block pool already has a mirror tracker")
         self.block_pool = block_pool
-        self._next_seq = 0
+        # Seqs never repeat across trackers of one pool (a reconnected standby gets
+        # a new tracker): a late completion of an old step must not unpin a new one.
+        self._next_seq = first_seq
         self._pending: dict[int, MirroredBlock] = {}  # block_id -> not yet handed out
         self._invalidate: list[BlockHashWithGroupId] = []
         self._in_flight: dict[int, list[KVCacheBlock]] = {}  # seq -> pinned blocks
@@ -124,6 +126,35 @@ class MirrorTracker:
         """The standby is gone: release every pin; nothing in flight will land."""
         for seq in list(self._in_flight):
             self.complete(seq, ok=False)
+
+    def detach(self) -> None:
+        """Stop observing the pool, releasing every pin (standby gone or replaced)."""
+        self.fail_all()
+        if self._pending:
+            self.block_pool.free_blocks([self.block_pool.blocks[b] for b in self._pending])
+            self._pending.clear()
+        self._invalidate.clear()
+        self.block_pool.mirror = None
+
+    def resync(self, block_ids: list[int]) -> int:
+        """Queue already cached blocks for copying (a new or restarted standby
+        catches up from the primary's prefix cache); returns how many were queued."""
+        queued = 0
+        for block_id in block_ids:
+            block = self.block_pool.blocks[block_id]
+            if block.block_hash is not None and block_id not in self._pending:
+                self.on_block_cached(block, block.block_hash,
+                                     block._block_hash_num_tokens)
+                queued += 1
+        return queued
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def in_flight_steps(self) -> int:
+        return len(self._in_flight)
 
     @property
     def lag_blocks(self) -> int:

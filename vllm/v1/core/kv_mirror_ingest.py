@@ -119,6 +119,11 @@ class StandbyIngest:
         entry = self._pending.get(seq)
         return None if entry is None else [b.block_id for b in entry[0].write]
 
+    def pending_steps(self) -> dict[int, list[int]]:
+        """Target block ids of every announced step not yet landed."""
+        return {seq: [b.block_id for b in ops.write]
+                for seq, (ops, _) in self._pending.items()}
+
     @property
     def lag_steps(self) -> int:
         return len(self._pending)

@@ -222,6 +222,12 @@ class MirrorTransport:
         """True when done, None while in progress; raises if the transfer failed."""
         return poll_xfer(self.agent, handle)
 
+    def poll_acks(self) -> list[int]:
+        return []  # requires_ack is False: a done WRITE is a landed step
+
+    def abandon(self, seq: int) -> None:
+        pass
+
     def disconnect(self) -> None:
         if self._remote is not None:
             self.agent.release_dlist_handle(self._remote)

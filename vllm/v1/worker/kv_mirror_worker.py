@@ -11,14 +11,34 @@ primary: its steps are reported failed and the tracker unpins their blocks.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from vllm.logger import init_logger
 
 from vllm.v1.core.kv_mirror import MirrorStepOps
-from vllm.v1.worker.kv_mirror_transport import MirrorTransportError
+from vllm.v1.worker.kv_mirror_staged import (
+    StagedMirrorTransport,
+    StagedStandbyDescriptor,
+    StagedStandbyEndpoint,
+)
+from vllm.v1.worker.kv_mirror_transport import (
+    MirrorTransport,
+    MirrorTransportError,
+    StandbyDescriptor,
+    StandbyEndpoint,
+    parse_step_notification,
+    unique_tensors,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+logger = init_logger(__name__)
 
 
 class Transport(Protocol):
@@ -31,7 +51,11 @@ class Transport(Protocol):
 
     def poll(self, handle: Any) -> bool | None: ...
 
-logger = init_logger(__name__)
+    def poll_acks(self) -> list[int]: ...
+
+    def abandon(self, seq: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ReadyEvent(Protocol):
@@ -102,3 +126,190 @@ class MirrorPusher:
     @property
     def in_flight_steps(self) -> int:
         return len(self._waiting) + len(self._in_flight) + len(self._awaiting_ack)
+
+
+# -- engine wiring ----------------------------------------------------------------------
+# The engine reaches these through ``collective_rpc(fn, args=...)`` (each runs on every
+# worker with the worker as first argument), so no RPC method is added to Worker; only
+# the per-step hooks (patch 0005) call into :class:`WorkerMirror`.
+
+
+def _unwrap(worker: Any) -> WorkerBase:
+    """collective_rpc hands callables the WorkerWrapperBase; state goes on the Worker
+    (the per-step hooks read ``self.kv_mirror`` there)."""
+    return getattr(worker, "worker", None) or worker
+
+
+def worker_kv_caches(worker: WorkerBase) -> list[torch.Tensor]:
+    """The worker's KV cache tensors (both model runners keep ``kv_caches``)."""
+    kv = getattr(worker.model_runner, "kv_caches", None)
+    if not kv:
+        raise MirrorTransportError("the worker has no KV cache to mirror")
+    return list(kv.values()) if isinstance(kv, dict) else list(kv)
+
+
+def block_checksums(kv_caches: list[torch.Tensor], num_blocks: int,
+                    block_ids: list[int]) -> list[str]:
+    """sha256 of each block's bytes over every KV tensor (debug and tests)."""
+    views = [t.view(-1).view(torch.uint8).view(num_blocks, -1)
+             for t in unique_tensors(kv_caches)]
+    out = []
+    for b in block_ids:
+        h = hashlib.sha256()
+        for v in views:
+            h.update(v[b].cpu().numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+class _MirroredAsyncOutput:
+    """An AsyncModelRunnerOutput whose ModelRunnerOutput carries mirror completions."""
+
+    def __init__(self, inner: Any, completions: MirrorCompletions) -> None:
+        self.inner = inner
+        self.completions = completions
+
+    def get_output(self) -> Any:
+        return replace(self.inner.get_output(), mirror_completions=self.completions)
+
+
+class WorkerMirror:
+    """The primary worker's mirror: one transport to the standby's worker of the same
+    rank, a pusher, and the completions not yet handed to the scheduler."""
+
+    def __init__(self, worker: WorkerBase, standby: dict[str, Any], transport: str) -> None:
+        kv = worker_kv_caches(worker)
+        num_blocks = worker.cache_config.num_gpu_blocks
+        # A fresh agent name per connection: a replaced standby must not see
+        # the previous connection's agent under the same name.
+        name = f"vllm-ha-primary-{worker.rank}-{uuid.uuid4().hex[:8]}"
+        self.on_cuda = kv[0].is_cuda
+        self.transport: Any
+        if transport == "staged":
+            desc = StagedStandbyDescriptor.from_dict(standby)
+            self.transport = StagedMirrorTransport(name, kv, num_blocks, desc.stage_bytes)
+        else:
+            desc = StandbyDescriptor.from_dict(standby)
+            self.transport = MirrorTransport(name, kv, num_blocks)
+        try:
+            self.transport.connect(desc)
+        except Exception:
+            self.transport.close()
+            raise
+        self.pusher = MirrorPusher(self.transport)
+        self._completions = MirrorCompletions()
+
+    def local_metadata(self) -> bytes:
+        return self.transport.agent.get_agent_metadata()
+
+    def after_forward(self, scheduler_output: Any) -> None:
+        ops = scheduler_output.mirror_ops
+        if ops is None:
+            return
+        ready = None
+        if self.on_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # after the forward's KV writes on the current stream
+        self.pusher.push(ops, ready)
+
+    def attach(self, output: Any) -> Any:
+        """Collect finished copies; hand them to the scheduler on this output."""
+        done = self.pusher.poll()
+        self._completions.done.extend(done.done)
+        self._completions.failed.extend(done.failed)
+        if output is None or not (self._completions.done or self._completions.failed):
+            return output
+        completions, self._completions = self._completions, MirrorCompletions()
+        if hasattr(output, "get_output"):  # AsyncModelRunnerOutput
+            return _MirroredAsyncOutput(output, completions)
+        # replace(): EMPTY_MODEL_RUNNER_OUTPUT is a shared instance.
+        return replace(output, mirror_completions=completions)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def rpc_primary_connect(worker: WorkerBase, standbys: list[dict[str, Any]],
+                        transport: str) -> bytes:
+    """Connect this worker to the standby worker of its rank; returns our NIXL
+    metadata (the staged standby acknowledges scatters to it)."""
+    worker = _unwrap(worker)
+    rpc_primary_disconnect(worker)
+    mirror = WorkerMirror(worker, standbys[worker.rank], transport)
+    worker.kv_mirror = mirror
+    return mirror.local_metadata()
+
+
+def rpc_primary_disconnect(worker: WorkerBase) -> None:
+    worker = _unwrap(worker)
+    mirror = getattr(worker, "kv_mirror", None)
+    worker.kv_mirror = None
+    if mirror is not None:
+        mirror.close()
+
+
+def rpc_block_checksums(worker: WorkerBase, block_ids: list[int]) -> list[str]:
+    worker = _unwrap(worker)
+    return block_checksums(worker_kv_caches(worker), worker.cache_config.num_gpu_blocks,
+                           block_ids)
+
+
+class StandbyWorkerMirror:
+    """The standby worker's mirror: its registered KV cache (direct) or staging ring
+    (staged), and the staged ranges that landed before their step's ops were known."""
+
+    def __init__(self, worker: WorkerBase, transport: str, staging_bytes: int) -> None:
+        kv = worker_kv_caches(worker)
+        num_blocks = worker.cache_config.num_gpu_blocks
+        name = f"vllm-ha-standby-{worker.rank}"
+        self.staged = transport == "staged"
+        self.endpoint: Any
+        if self.staged:
+            row = sum(t.numel() * t.element_size() for t in unique_tensors(kv)) // num_blocks
+            ring = max(row, staging_bytes // row * row)
+            self.endpoint = StagedStandbyEndpoint(name, kv, num_blocks, ring)
+        else:
+            self.endpoint = StandbyEndpoint(name, kv, num_blocks)
+        self._landed: dict[int, tuple[int, int]] = {}  # staged: seq -> (offset, k)
+
+    def poll(self, pending: dict[int, list[int]]) -> list[int]:
+        """Steps whose bytes are now in the KV cache. ``pending``: the block ids of
+        every announced step not yet landed (staged ranges scatter there)."""
+        if not self.staged:
+            seqs = [parse_step_notification(m) for m in self.endpoint.poll_notifications()]
+            return [s for s in seqs if s is not None]
+        for seq, off, k in self.endpoint.poll_landed():
+            self._landed[seq] = (off, k)
+        landed = []
+        for seq, (off, k) in list(self._landed.items()):
+            ids = pending.get(seq)
+            if ids is not None and len(ids) == k:
+                self.endpoint.scatter(seq, off, ids)
+                del self._landed[seq]
+                landed.append(seq)
+        return landed
+
+    def forget(self) -> None:
+        """A new primary connection: ranges of the old one will never scatter."""
+        self._landed.clear()
+
+
+def rpc_standby_open(worker: WorkerBase, transport: str, staging_bytes: int
+                     ) -> dict[str, Any]:
+    worker = _unwrap(worker)
+    mirror = StandbyWorkerMirror(worker, transport, staging_bytes)
+    worker.kv_mirror_standby = mirror
+    return mirror.endpoint.descriptor().to_dict()
+
+
+def rpc_standby_connect_primary(worker: WorkerBase, metadata: list[bytes]) -> None:
+    worker = _unwrap(worker)
+    mirror: StandbyWorkerMirror = worker.kv_mirror_standby
+    mirror.forget()
+    if mirror.staged:
+        mirror.endpoint.connect_primary(metadata[worker.rank])
+
+
+def rpc_standby_poll(worker: WorkerBase, pending: dict[int, list[int]]) -> list[int]:
+    worker = _unwrap(worker)
+    return worker.kv_mirror_standby.poll(pending)

@@ -1,0 +1,192 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The primary scheduler's end of KV mirroring (patch 0004 hooks it into ``Scheduler``).
+
+Per step, :meth:`SchedulerMirror.take_step_ops` hands the tracker's ops to the worker
+(in ``SchedulerOutput.mirror_ops``) and sends the same ops to the standby engine over a
+ZMQ socket, so the standby knows where the step's bytes go and under which hashes to
+publish them; ``update_from_output`` unpins the blocks of the steps the worker reports
+done. Nothing here blocks the step: the socket is non-blocking with no high-water
+mark, and a standby that is gone only makes the supervisor call :meth:`disconnect`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.block_pool import BlockPool
+
+logger = init_logger(__name__)
+
+# Blocks of the prefix cache queued per step while a new standby catches up: bounds
+# both the extra pins (blocks out of the free queue) and one step's transfer.
+RESYNC_BLOCKS_PER_STEP = 64
+
+
+def encode_ops(msg: tuple[str, Any]) -> bytes:
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_ops(data: bytes) -> tuple[str, Any]:
+    return pickle.loads(data)
+
+
+class SchedulerMirror:
+    """Owns the tracker while a standby is connected; counts what was mirrored."""
+
+    def __init__(self, block_pool: BlockPool) -> None:
+        self.block_pool = block_pool
+        self.tracker: MirrorTracker | None = None
+        self._socket = None
+        self._ctx = None
+        self._next_seq = 0
+        self._backlog: list[int] = []
+        self._step = 0
+        self._issued: dict[int, tuple[int, float, int]] = {}  # seq -> (step, t, blocks)
+        self.blocks_mirrored = 0
+        self.blocks_failed = 0
+        self.bytes_mirrored = 0
+        self.steps_mirrored = 0
+        self._bytes_per_block = 0
+        # Samples since the last status() call, for the API server's histograms.
+        self._transfer_seconds: list[float] = []
+        self._lag_steps: list[int] = []
+
+    @classmethod
+    def maybe_create(cls, vllm_config: VllmConfig, block_pool: BlockPool
+                     ) -> SchedulerMirror | None:
+        if getattr(vllm_config, "mirror_config", None) is None:
+            return None
+        if not block_pool.enable_caching:
+            raise ValueError("--mirror-peer needs prefix caching enabled")
+        return cls(block_pool)
+
+    # -- connection (EngineCore utility calls, on the busy-loop thread) --------------
+
+    def connect(self, ops_address: str, bytes_per_block: int) -> int:
+        """Start mirroring to the standby listening on ``ops_address``; queues the
+        whole prefix cache for catch-up. Returns the number of blocks queued."""
+        import zmq
+
+        self.disconnect()
+        self._ctx = zmq.Context.instance()
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)  # never drop ops: they pair with pushed bytes
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ops_address)
+        self._socket = sock
+        self._bytes_per_block = bytes_per_block
+        self.tracker = MirrorTracker(self.block_pool, first_seq=self._next_seq)
+        # The standby starts empty: forget everything, then copy the prefix cache.
+        self._send(("reset", None))
+        self._backlog = [b.block_id for b in self.block_pool.blocks
+                         if b.block_hash is not None and not b.is_null]
+        logger.info("mirror: standby connected at %s; %d cached block(s) to catch up",
+                    ops_address, len(self._backlog))
+        return len(self._backlog)
+
+    def disconnect(self) -> None:
+        """The standby is gone (or replaced): unpin everything, stop producing ops."""
+        if self.tracker is not None:
+            self._next_seq = self.tracker.next_seq
+            self.blocks_failed += sum(n for _, _, n in self._issued.values())
+            self.tracker.detach()
+            self.tracker = None
+        self._issued.clear()
+        self._backlog = []
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    @property
+    def connected(self) -> bool:
+        return self.tracker is not None
+
+    def _send(self, msg: tuple[str, Any]) -> None:
+        import zmq
+
+        try:
+            self._socket.send(encode_ops(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # never fail the primary over its standby
+            logger.warning("mirror: could not send to the standby: %s", e)
+
+    # -- per step (Scheduler hooks) --------------------------------------------------
+
+    def take_step_ops(self) -> MirrorStepOps | None:
+        """This step's ops (None when there is nothing to mirror)."""
+        self._step += 1
+        tracker = self.tracker
+        if tracker is None:
+            return None
+        if self._backlog:
+            chunk = self._backlog[:RESYNC_BLOCKS_PER_STEP]
+            del self._backlog[:RESYNC_BLOCKS_PER_STEP]
+            tracker.resync(chunk)
+        if tracker.take_reset():
+            self._send(("reset", None))
+        ops = tracker.take_step_ops()
+        if not ops.write and not ops.invalidate:
+            return None
+        self._send(("ops", ops))
+        if ops.write:
+            self._issued[ops.seq] = (self._step, time.monotonic(), len(ops.write))
+        return ops
+
+    def update_from_output(self, completions: Any) -> None:
+        """Unpin the blocks of steps the worker reports copied (or failed)."""
+        if completions is None or self.tracker is None:
+            return
+        now = time.monotonic()
+        for seq in completions.done:
+            issued = self._issued.pop(seq, None)
+            if issued is None:
+                continue
+            step, t0, n = issued
+            self.tracker.complete(seq, ok=True)
+            self.blocks_mirrored += n
+            self.bytes_mirrored += n * self._bytes_per_block
+            self.steps_mirrored += 1
+            self._transfer_seconds.append(now - t0)
+            self._lag_steps.append(self._step - step)
+        for seq in completions.failed:
+            issued = self._issued.pop(seq, None)
+            if issued is not None:
+                self.tracker.complete(seq, ok=False)
+                self.blocks_failed += issued[2]
+
+    def has_pending_work(self) -> bool:
+        """Keep the engine stepping until in-flight copies are confirmed (their
+        blocks are pinned) and the catch-up backlog is queued."""
+        return self.tracker is not None and bool(
+            self._issued or self._backlog or self.tracker.lag_blocks)
+
+    # -- observability ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Counters, lag and the samples since the last call (then cleared)."""
+        out = {
+            "connected": self.connected,
+            "blocks_mirrored": self.blocks_mirrored,
+            "bytes_mirrored": self.bytes_mirrored,
+            "blocks_failed": self.blocks_failed,
+            "steps_mirrored": self.steps_mirrored,
+            "lag_blocks": (self.tracker.lag_blocks if self.tracker else 0),
+            "backlog_blocks": len(self._backlog),
+            "in_flight_steps": len(self._issued),
+            "transfer_seconds": self._transfer_seconds,
+            "lag_steps": self._lag_steps,
+        }
+        self._transfer_seconds, self._lag_steps = [], []
+        return out
+
+    def cached_blocks(self) -> list[tuple[int, bytes]]:
+        """(block id, hash key) of every block in the primary's prefix cache."""
+        return [(b.block_id, b.block_hash) for b in self.block_pool.blocks
+                if b.block_hash is not None and not b.is_null]

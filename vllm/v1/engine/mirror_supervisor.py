@@ -1,0 +1,427 @@
+# SPDX-License-Identifier: Apache-2.0
+"""API-server side of KV mirroring: starts, connects, watches and restarts the
+standby engine, and publishes the mirror's state (``/mirror``, ``/metrics``).
+
+The standby is a child of the API server process, not of the primary engine, so it
+survives the primary's death (failover, issue 4). A standby that dies or falls over is
+never the primary's problem: the supervisor tells the primary to stop mirroring (its
+pinned blocks are released), logs it, reports ``down``, and starts a new standby that
+catches up from the primary's prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = init_logger(__name__)
+
+STANDBY_START_TIMEOUT_S = 900.0  # model load + compile + graphs, on a busy host
+CALL_TIMEOUT_S = 60.0
+WATCH_INTERVAL_S = 0.5
+MAX_BACKOFF_S = 30.0
+
+
+class MirrorStartupError(ValueError):
+    """Bad mirror settings for this host; raised before any engine starts."""
+
+
+def _primary_device(vllm_config: VllmConfig) -> tuple[str, int]:
+    """(the primary's device, CUDA devices visible to this server)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu", 0
+    return "cuda:0", current_platform.device_count()
+
+
+def _standby_cuda_visible(peer_index: int) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return str(peer_index)
+    return visible.split(",")[peer_index].strip()
+
+
+@dataclass
+class MirrorState:
+    """What ``GET /mirror`` reports (JSON)."""
+
+    state: str = "starting"  # starting | syncing | in_sync | down | stopped
+    peer: str = ""
+    transport: str = ""
+    primary: dict[str, Any] = field(default_factory=dict)
+    standby: dict[str, Any] = field(default_factory=dict)
+    lag_blocks: int = 0
+    backlog_blocks: int = 0
+    blocks_mirrored: int = 0
+    bytes_mirrored: int = 0
+    blocks_failed: int = 0
+    standby_restarts: int = 0
+    last_error: str | None = None
+    updated_at: float = 0.0
+
+
+class MirrorMetrics:
+    """Prometheus series of the mirror, in the API server's registry."""
+
+    _instance: MirrorMetrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.blocks = Counter("vllm:mirror_blocks_total",
+                              "KV blocks copied to the standby engine.")
+        self.bytes = Counter("vllm:mirror_bytes_total",
+                             "Bytes of KV cache copied to the standby engine.")
+        self.failed = Counter("vllm:mirror_blocks_failed_total",
+                              "KV blocks whose copy to the standby failed or was dropped.")
+        self.lag = Gauge("vllm:mirror_lag_blocks",
+                         "KV blocks filled on the primary and not yet on the standby.")
+        self.standby_up = Gauge("vllm:mirror_standby_up",
+                                "1 while the standby engine is connected and mirroring.")
+        self.in_sync = Gauge("vllm:mirror_in_sync",
+                             "1 while the standby holds every full block of the primary "
+                             "up to the steps in flight (catch-up finished).")
+        self.restarts = Counter("vllm:mirror_standby_restarts_total",
+                                "Standby engines started after the first.")
+        self.transfer = Histogram(
+            "vllm:mirror_transfer_seconds",
+            "Time from a step's scheduling to its blocks confirmed on the standby.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0))
+        self.lag_steps = Histogram(
+            "vllm:mirror_lag_steps",
+            "Engine steps from a step's scheduling to its blocks confirmed on the standby.",
+            buckets=(0, 1, 2, 3, 4, 8, 16, 32, 64))
+
+    @classmethod
+    def get(cls) -> MirrorMetrics:
+        # One set per process (a server restarted in-process must not re-register).
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+class StandbyProcess:
+    """The spawned standby and its control socket."""
+
+    def __init__(self, vllm_config: VllmConfig, transport: str, staging_bytes: int,
+                 cuda_visible: str | None) -> None:
+        import multiprocessing
+
+        import zmq
+
+        from vllm.utils.network_utils import get_open_zmq_ipc_path
+        from vllm.v1.engine.mirror_standby import STANDBY_TITLE_PREFIX, run_standby
+
+        self.control_address = get_open_zmq_ipc_path()
+        self.ops_address = get_open_zmq_ipc_path()
+        ctx = multiprocessing.get_context("spawn")
+        self.proc = ctx.Process(
+            target=run_standby, name="VLLM_STANDBY_EngineCore", daemon=False,
+            args=(vllm_config, self.control_address, self.ops_address, transport,
+                  staging_bytes, os.getpid()))
+        # The child inherits the environment at spawn: title prefix, device, hash seed.
+        env = {"VLLM_PROCESS_NAME_PREFIX": STANDBY_TITLE_PREFIX}
+        if cuda_visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self._zmq_ctx = zmq.Context()
+        self._sock = None
+        self._lock = threading.Lock()  # the supervisor and HTTP handlers share the socket
+
+    def request(self, *msg: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        """One control request; raises if the standby errs, dies or times out."""
+        with self._lock:
+            return self._request(msg, timeout)
+
+    def _request(self, msg: tuple, timeout: float) -> Any:
+        import zmq
+
+        if self._sock is None:
+            self._sock = self._zmq_ctx.socket(zmq.REQ)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.control_address)
+        self._sock.send(pickle.dumps(msg))
+        deadline = time.monotonic() + timeout
+        while not self._sock.poll(100):
+            if not self.proc.is_alive():
+                self._reset_socket()
+                raise RuntimeError(f"standby engine exited (code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                self._reset_socket()  # a REQ socket is stuck after a lost reply
+                raise TimeoutError(f"standby did not answer {msg[0]!r} in {timeout:.0f} s")
+        status, value = pickle.loads(self._sock.recv())
+        if status != "ok":
+            raise RuntimeError(f"standby {msg[0]!r}: {value}")
+        return value
+
+    def _reset_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.is_alive():
+            try:
+                self.request("stop", timeout=2.0)
+            except Exception:
+                pass
+            self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self._reset_socket()
+        self._zmq_ctx.term()
+
+
+class MirrorSupervisor:
+    """Owns the standby engine for the lifetime of the API server."""
+
+    def __init__(self, vllm_config: VllmConfig, engine_core: Any,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.vllm_config = vllm_config
+        self.config = vllm_config.mirror_config
+        self.engine_core = engine_core
+        self.loop = loop
+        self.metrics = MirrorMetrics.get()
+        device, _ = _primary_device(vllm_config)
+        peer = self.config.peer_device
+        self.state = MirrorState(peer=str(peer), transport=self.config.transport,
+                                 primary={"device": device})
+        self._cuda_visible = (_standby_cuda_visible(peer.index)
+                              if peer.kind == "cuda" else None)
+        self.standby: StandbyProcess | None = None
+        self._stop = threading.Event()
+        self._last: dict[str, int] = {}
+        self._poll_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="MirrorSupervisor",
+                                        daemon=True)
+
+    # -- construction hooks (patch 0007) ------------------------------------------------
+
+    @staticmethod
+    def prepare(vllm_config: VllmConfig) -> None:
+        """Checks and environment, before any engine starts: a bad setting fails the
+        server here, naming its flag, with nothing started half-way."""
+        config = getattr(vllm_config, "mirror_config", None)
+        if config is None:
+            return
+        device, num_cuda = _primary_device(vllm_config)
+        peer = config.peer_device
+        if peer.kind == "cpu" and device != "cpu":
+            raise MirrorStartupError(
+                "--mirror-peer cpu runs the standby on the host, which needs the CPU "
+                "build of vLLM-HA; on a GPU server use --mirror-peer cuda:N")
+        try:
+            config.check_devices(device, num_cuda)
+        except ValueError as e:
+            raise MirrorStartupError(str(e)) from None
+        parallel = vllm_config.parallel_config
+        if (parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                parallel.data_parallel_size) != (1, 1, 1):
+            raise MirrorStartupError(
+                "--mirror-peer supports one engine of one worker for now "
+                "(tensor, pipeline and data parallel size 1)")
+        try:
+            import nixl._api  # noqa: F401
+        except ImportError as e:
+            raise MirrorStartupError(
+                f"--mirror-peer needs NIXL ({e}): pip install 'vllm[nixl]'") from None
+        if os.environ.get("PYTHONHASHSEED") in (None, "", "random"):
+            # Primary and standby must hash blocks alike; children inherit this.
+            os.environ["PYTHONHASHSEED"] = str(random.randrange(1, 2**32))
+            logger.info("mirror: PYTHONHASHSEED=%s for the primary and its standby "
+                        "(set it yourself to keep it across restarts)",
+                        os.environ["PYTHONHASHSEED"])
+
+    @classmethod
+    def maybe_start(cls, vllm_config: VllmConfig, engine_core: Any
+                    ) -> MirrorSupervisor | None:
+        if getattr(vllm_config, "mirror_config", None) is None:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise MirrorStartupError(
+                "--mirror-peer needs the API server (vllm serve): the standby is "
+                "driven from its event loop") from None
+        supervisor = cls(vllm_config, engine_core, loop)
+        supervisor._thread.start()
+        return supervisor
+
+    # -- calls into the primary engine ---------------------------------------------------
+
+    def _call_primary(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S
+                      ) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(
+            self.engine_core.call_utility_async(method, *args), self.loop)
+        return fut.result(timeout)
+
+    # -- the supervising thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 1.0
+        first = True
+        while not self._stop.is_set():
+            try:
+                self._start_standby(restart=not first)
+                first = False
+                self._connect()
+                backoff = 1.0
+                self._watch()
+            except Exception as e:
+                if self._stop.is_set():
+                    break
+                self.state.last_error = f"{type(e).__name__}: {e}"
+                logger.warning("mirror: standby down (%s); the primary serves "
+                               "unprotected; retrying in %.0f s",
+                               self.state.last_error, backoff)
+            self._down()
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        self.state.state = "stopped"
+
+    def _start_standby(self, restart: bool) -> None:
+        import copy
+
+        cfg = copy.deepcopy(self.vllm_config)
+        cfg.mirror_config = None
+        cfg.cache_config.enable_prefix_caching = True
+        cfg.cache_config.num_gpu_blocks_override = self.vllm_config.cache_config.num_gpu_blocks
+        self.state.state = "starting"
+        if restart:
+            self.state.standby_restarts += 1
+            self.metrics.restarts.inc()
+        staging = self.config.staging_mib << 20
+        self.standby = StandbyProcess(cfg, self.config.transport, staging, self._cuda_visible)
+        logger.info("mirror: starting the standby engine on %s (pid %d)", self.state.peer,
+                    self.standby.pid)
+        hello = self.standby.request("hello", timeout=STANDBY_START_TIMEOUT_S)
+        self.state.standby = {"pid": hello["pid"], "device": self.state.peer,
+                              "num_blocks": hello["num_blocks"]}
+        self._workers = hello["workers"]
+
+    def _connect(self) -> None:
+        metadata = self._call_primary("mirror_prepare", self._workers, self.config.transport)
+        self.standby.request("connect_primary", metadata)
+        bytes_per_block = sum(r["block_bytes"] for r in self._workers[0]["regions"])
+        queued = self._call_primary("mirror_start", self.standby.ops_address,
+                                    bytes_per_block)
+        self.state.state = "syncing" if queued else "in_sync"
+        self.metrics.standby_up.set(1)
+        logger.info("mirror: standby %d connected over %s (%s transport); %d cached "
+                    "block(s) to catch up", self.standby.pid, self.state.peer,
+                    self.config.transport, queued)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            if not self.standby.alive():
+                raise RuntimeError(f"standby engine exited (code {self.standby.proc.exitcode})")
+            self.poll()
+
+    def poll(self) -> None:
+        """Refresh state and metrics from both engines."""
+        with self._poll_lock:
+            self._poll()
+
+    def _poll(self) -> None:
+        p = self._call_primary("mirror_status")
+        s = self.standby.request("status")
+        st = self.state
+        st.primary["pid"] = p["pid"]
+        st.standby.update(lag_steps=s["lag_steps"], cached_blocks=s["cached_blocks"],
+                          blocks_published=s["blocks_published"])
+        for key, counter in (("blocks_mirrored", self.metrics.blocks),
+                             ("bytes_mirrored", self.metrics.bytes),
+                             ("blocks_failed", self.metrics.failed)):
+            delta = p[key] - self._last.get(key, 0)
+            if delta > 0:
+                counter.inc(delta)
+            self._last[key] = p[key]
+            setattr(st, key, p[key])
+        for v in p["transfer_seconds"]:
+            self.metrics.transfer.observe(v)
+        for v in p["lag_steps"]:
+            self.metrics.lag_steps.observe(v)
+        st.lag_blocks, st.backlog_blocks = p["lag_blocks"], p["backlog_blocks"]
+        self.metrics.lag.set(p["lag_blocks"] + p["backlog_blocks"])
+        if p["connected"]:
+            st.state = "syncing" if p["backlog_blocks"] else "in_sync"
+        self.metrics.in_sync.set(1 if st.state == "in_sync" else 0)
+        st.updated_at = time.time()
+
+    def _down(self) -> None:
+        self.state.state = "down"
+        self.metrics.standby_up.set(0)
+        self.metrics.in_sync.set(0)
+        try:
+            self._call_primary("mirror_stop", timeout=10)
+        except Exception as e:
+            logger.debug("mirror: primary mirror_stop failed: %s", e)
+        if self.standby is not None:
+            self.standby.stop()
+
+    # -- requests from the HTTP layer (event loop thread) -------------------------------
+
+    def status(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self.state)
+
+    async def verify(self) -> dict[str, Any]:
+        """Every cached block of the primary: on the standby, same id, same bytes."""
+        blocks = await self.engine_core.call_utility_async("mirror_checksums")
+        standby = self.standby
+        if standby is None or not standby.alive():
+            raise RuntimeError("no standby engine is running")
+        result = await asyncio.to_thread(standby.request, "verify", blocks)
+        result["state"] = self.state.state
+        return result
+
+    async def lookup(self, prompts: list[list[int]]) -> list[int]:
+        standby = self.standby
+        if standby is None or not standby.alive():
+            raise RuntimeError("no standby engine is running")
+        return await asyncio.to_thread(standby.request, "lookup", prompts)
+
+    async def refresh(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.poll)
+        return self.status()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.standby is not None:
+            self.standby.stop()
+        self._thread.join(timeout=15)
