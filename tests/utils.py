@@ -81,7 +81,8 @@ class RemoteServer:
         raise TimeoutError(f"vllm serve not healthy after {timeout_s:.0f} s:\n" + self.tail())
 
     def tail(self, n: int = 40) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
 
     def post(self, path: str, body: dict, **kw) -> requests.Response:

@@ -36,6 +36,11 @@ def test_completion(server):
     assert out["choices"][0]["text"]
 
 
+def test_mirror_route_without_mirroring_is_404(server):
+    r = server.get("/mirror")
+    assert r.status_code == 404 and "--mirror-peer" in r.json()["error"]
+
+
 def test_greedy_is_deterministic_across_requests(server):
     a = complete(server, "the scheduler and the worker", 24)
     b = complete(server, "the scheduler and the worker", 24)

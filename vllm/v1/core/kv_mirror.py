@@ -40,11 +40,16 @@ class MirroredBlock:
 
 @dataclass
 class MirrorStepOps:
-    """One step's mirror work, applied by the standby in this order: forget
-    ``invalidate``, land the bytes of ``write``, then publish their hashes."""
+    """One step's mirror work, applied by the standby in this order: forget the
+    hashes of the ``invalidate`` block ids, land the bytes of ``write``, then publish
+    their hashes.
+
+    Invalidations name block ids, not hashes: the same hash can sit on two blocks
+    (two requests that computed one prefix at once), and only the block the primary
+    evicted may lose it on the standby."""
 
     seq: int
-    invalidate: list[BlockHashWithGroupId] = field(default_factory=list)
+    invalidate: list[int] = field(default_factory=list)
     write: list[MirroredBlock] = field(default_factory=list)
 
 
@@ -59,7 +64,7 @@ class MirrorTracker:
         # a new tracker): a late completion of an old step must not unpin a new one.
         self._next_seq = first_seq
         self._pending: dict[int, MirroredBlock] = {}  # block_id -> not yet handed out
-        self._invalidate: list[BlockHashWithGroupId] = []
+        self._invalidate: list[int] = []
         self._in_flight: dict[int, list[KVCacheBlock]] = {}  # seq -> pinned blocks
         self.num_blocks_mirrored = 0
         self.num_blocks_failed = 0
@@ -80,7 +85,7 @@ class MirrorTracker:
 
     def on_hashes_removed(self, block: KVCacheBlock,
                           removed: list[BlockHashWithGroupId]) -> None:
-        self._invalidate.extend(removed)
+        self._invalidate.append(block.block_id)
         if self._pending.pop(block.block_id, None) is not None:
             # Lost its hash before its copy was handed out: nothing to copy.
             self.block_pool.free_blocks([block])

@@ -47,10 +47,9 @@ class StandbyIngest:
     def invalidate(self, ops: MirrorStepOps) -> None:
         """Forget hashes the primary evicted, before new bytes reach those blocks."""
         pool = self.block_pool
-        for key in ops.invalidate:
-            block = pool.cached_block_hash_to_block.get_one_block(key)
-            if block is not None:
-                pool.evict_blocks({block.block_id})
+        for block_id in ops.invalidate:
+            if pool.blocks[block_id].block_hash is not None:
+                pool.evict_blocks({block_id})
 
     def _reserve(self, ops: MirrorStepOps) -> list[KVCacheBlock]:
         pool = self.block_pool

@@ -22,6 +22,21 @@ from vllm.v1.worker.kv_mirror_worker import (
 logger = init_logger(__name__)
 
 
+def prefix_hits(engine: Any, prompts: list[list[int]]) -> list[int]:
+    """Tokens of each token sequence the engine's prefix cache would serve (read-only:
+    nothing is touched or allocated)."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    manager = engine.scheduler.kv_cache_manager
+    hits = []
+    for i, tokens in enumerate(prompts):
+        req = Request(f"mirror-lookup-{i}", list(tokens), SamplingParams(max_tokens=1), None,
+                      block_hasher=engine.request_block_hasher)
+        hits.append(manager.get_computed_blocks(req)[1])
+    return hits
+
+
 class EngineCoreMirrorMixin:
     """``mirror_*`` utilities of the primary engine."""
 
@@ -53,6 +68,10 @@ class EngineCoreMirrorMixin:
         status = self._scheduler_mirror().status()
         status["pid"] = os.getpid()
         return status
+
+    def mirror_lookup(self, prompts: list[list[int]]) -> list[int]:
+        self._scheduler_mirror()
+        return prefix_hits(self, prompts)
 
     def mirror_checksums(self) -> list[tuple[int, str, str]]:
         """(block id, hash hex, sha256 of its bytes) of every cached block; debug."""

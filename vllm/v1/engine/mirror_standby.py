@@ -100,25 +100,18 @@ class StandbyEngine:
                                                          args=(ids,))[0]
         missing, mismatched = [], []
         for (block_id, key_hex, checksum), mine in zip(primary, sums):
-            block = pool.cached_block_hash_to_block.get_one_block(bytes.fromhex(key_hex))
-            if block is None or block.block_id != block_id:
+            key = bytes.fromhex(key_hex)
+            if (pool.blocks[block_id].block_hash != key
+                    or pool.cached_block_hash_to_block.get_one_block(key) is None):
                 missing.append(block_id)
             elif mine != checksum:
                 mismatched.append(block_id)
         return {"checked": len(primary), "missing": missing, "mismatched": mismatched}
 
     def lookup(self, prompts: list[list[int]]) -> list[int]:
-        """Tokens of each prompt the standby's prefix cache would serve."""
-        from vllm.sampling_params import SamplingParams
-        from vllm.v1.request import Request
+        from vllm.v1.engine.mirror import prefix_hits
 
-        hits = []
-        for i, tokens in enumerate(prompts):
-            req = Request(f"mirror-lookup-{i}", list(tokens), SamplingParams(max_tokens=1),
-                          None, block_hasher=self.engine.request_block_hasher)
-            num_hit = self.manager.get_computed_blocks(req)[1]
-            hits.append(num_hit)
-        return hits
+        return prefix_hits(self.engine, prompts)
 
     def handle(self, request: tuple) -> Any:
         kind, *args = request

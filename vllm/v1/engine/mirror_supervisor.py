@@ -410,11 +410,14 @@ class MirrorSupervisor:
         result["state"] = self.state.state
         return result
 
-    async def lookup(self, prompts: list[list[int]]) -> list[int]:
+    async def lookup(self, prompts: list[list[int]]) -> dict[str, list[int]]:
+        """Prefix-cache hits (tokens) of each sequence on the primary and the standby."""
+        primary = await self.engine_core.call_utility_async("mirror_lookup", prompts)
         standby = self.standby
         if standby is None or not standby.alive():
             raise RuntimeError("no standby engine is running")
-        return await asyncio.to_thread(standby.request, "lookup", prompts)
+        return {"primary": primary,
+                "standby": await asyncio.to_thread(standby.request, "lookup", prompts)}
 
     async def refresh(self) -> dict[str, Any]:
         await asyncio.to_thread(self.poll)

@@ -65,7 +65,7 @@ async def mirror_lookup(body: LookupRequest, raw_request: Request) -> JSONRespon
     if sup is None:
         return _not_mirrored()
     try:
-        return JSONResponse({"hit_tokens": await sup.lookup(body.prompts)})
+        return JSONResponse(await sup.lookup(body.prompts))
     except RuntimeError as e:
         return JSONResponse(status_code=409, content={"error": str(e)})
 

@@ -1,0 +1,194 @@
+"""`vllm serve --mirror-peer cpu` end to end on the tiny model: a real primary engine, a
+real standby engine, NIXL between their workers, real HTTP.
+
+After a mixed workload (long and short prompts, concurrent streams, shared prefixes,
+preemptions forced by a small KV cache), every block in the primary's prefix cache is
+on the standby at the same block id, byte-identical (checksums through the debug
+route), and the standby's prefix cache answers every sequence as the primary's does.
+Killing the standby leaves the primary serving; the restarted standby catches up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.utils import ON_CUDA, RemoteServer, child_env, vllm_cli
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 16
+NUM_BLOCKS = 96  # small: eight long requests at once must preempt
+ARGS = ["--max-model-len", "1024", "--max-num-batched-tokens", "1024", "--max-num-seqs", "16",
+        "--enforce-eager", "--served-model-name", "tiny", "--block-size", str(BLOCK),
+        "--num-gpu-blocks-override", str(NUM_BLOCKS), "--mirror-peer", "cpu"]
+ARGS += (["--dtype", "bfloat16", "--gpu-memory-utilization", "0.2"] if ON_CUDA
+         else ["--dtype", "float32"])
+if ON_CUDA:  # one GPU: the standby shares it
+    ARGS[ARGS.index("cpu")] = "cuda:0"
+    ARGS.append("--mirror-allow-same-device")
+
+WORDS = ("cache block mirror standby engine primary worker scheduler token stream "
+         "prefix hash layer tensor").split()
+
+
+def text(seed: int, n_words: int) -> str:
+    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n_words))
+
+
+def wait_mirror(server: RemoteServer, state: str = "in_sync", timeout: float = 300,
+                settled: bool = True) -> dict:
+    """/mirror once it reports ``state`` (and, with ``settled``, nothing in flight)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = server.get("/mirror", params={"refresh": "true"}).json()
+        if last["state"] == state and (not settled or (
+                last["lag_blocks"] == 0 and last["backlog_blocks"] == 0
+                and last["standby"].get("lag_steps", 1) == 0)):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"mirror not {state} after {timeout} s: {last}\n{server.tail()}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("mirror") / "serve.log"
+    env = child_env(VLLM_SERVER_DEV_MODE="1")
+    with RemoteServer(str(tiny_model), ARGS, log, env=env) as s:
+        wait_mirror(s)
+        yield s
+
+
+def complete(server: RemoteServer, prompt: str, max_tokens: int) -> dict:
+    r = server.post("/v1/completions", {"model": "tiny", "prompt": prompt, "temperature": 0,
+                                        "max_tokens": max_tokens, "ignore_eos": True,
+                                        "return_token_ids": True}, timeout=300)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return {"tokens": choice["prompt_token_ids"] + choice["token_ids"]}
+
+
+def stream(server: RemoteServer, prompt: str, max_tokens: int, out: list) -> None:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    n = 0
+    with server.post("/v1/completions", body, stream=True, timeout=300) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: {"):
+                n += len(json.loads(line[6:])["choices"])
+    out.append(n)
+
+
+def assert_standby_holds_everything(server: RemoteServer, sequences: list[list[int]]):
+    wait_mirror(server)
+    verify = server.post("/mirror/verify", {}).json()
+    assert verify["checked"] > 0, verify
+    assert verify["missing"] == [] and verify["mismatched"] == [], verify
+    hits = server.post("/mirror/lookup", {"prompts": sequences}).json()
+    assert hits["standby"] == hits["primary"], hits
+    return verify, hits
+
+
+def metric(server: RemoteServer, name: str) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+def test_status_reports_both_engines(server):
+    st = server.get("/mirror").json()
+    assert st["peer"] == ("cuda:0" if ON_CUDA else "cpu") and st["transport"] == "staged"
+    assert st["primary"]["pid"] != st["standby"]["pid"]
+    assert st["standby"]["num_blocks"] == NUM_BLOCKS
+    # Operators tell the engines apart by process title.
+    with open(f"/proc/{st['standby']['pid']}/cmdline", "rb") as f:
+        assert f.read().startswith(b"VLLM_STANDBY::EngineCore")
+    with open(f"/proc/{st['primary']['pid']}/cmdline", "rb") as f:
+        assert f.read().startswith(b"VLLM::EngineCore")
+
+
+def test_mixed_workload_is_mirrored_byte_identical(server):
+    shared = text(1, 150)  # a shared prefix of several blocks
+    prompts = [(shared + " " + text(s, 40), 64) for s in range(4)]  # prefix sharing
+    prompts += [(text(s, 300), 96) for s in range(10, 14)]  # long: preemption with 96 blocks
+    prompts += [(text(s, 3), 40) for s in range(20, 24)]  # short, tail only
+    preempted_before = metric(server, "vllm:num_preemptions_total")
+    results: list[dict] = [None] * len(prompts)
+    streamed: list[int] = []
+
+    def run(i):
+        results[i] = complete(server, *prompts[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    threads += [threading.Thread(target=stream, args=(server, text(30 + s, 80), 64, streamed))
+                for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(results) and streamed == [64, 64]
+    assert metric(server, "vllm:num_preemptions_total") > preempted_before, \
+        "the workload was meant to preempt"
+
+    verify, hits = assert_standby_holds_everything(server, [r["tokens"] for r in results])
+    # The most recent sequences are still cached: the standby serves their full blocks.
+    for r, hit in zip(results[-4:], hits["standby"][-4:]):
+        assert hit == (len(r["tokens"]) - 1) // BLOCK * BLOCK
+    st = server.get("/mirror").json()
+    assert st["blocks_mirrored"] >= verify["checked"] and st["blocks_failed"] == 0
+    assert metric(server, "vllm:mirror_blocks_total") == st["blocks_mirrored"]
+    assert metric(server, "vllm:mirror_bytes_total") == st["bytes_mirrored"] > 0
+    assert metric(server, "vllm:mirror_transfer_seconds_count") > 0
+    assert metric(server, "vllm:mirror_standby_up") == 1
+
+
+def test_standby_death_leaves_primary_serving_and_restarted_standby_catches_up(server):
+    before = server.get("/mirror").json()
+    streamed: list[int] = []
+    t = threading.Thread(target=stream, args=(server, text(40, 120), 200, streamed))
+    t.start()
+    time.sleep(0.5)
+    os.kill(before["standby"]["pid"], signal.SIGKILL)
+    down = wait_mirror(server, "down", timeout=30, settled=False)
+    assert "exited" in down["last_error"]
+    # The primary keeps serving while unprotected.
+    fresh = complete(server, text(50, 200), 32)
+    t.join(300)
+    assert streamed == [200]
+
+    after = wait_mirror(server)  # a new standby, caught up from the prefix cache
+    assert after["standby"]["pid"] != before["standby"]["pid"]
+    assert after["standby_restarts"] == before["standby_restarts"] + 1
+    verify, _ = assert_standby_holds_everything(server, [fresh["tokens"]])
+    assert verify["checked"] > 0
+
+
+def test_direct_transport(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("mirror-direct") / "serve.log"
+    args = ARGS + ["--mirror-transport", "direct"]
+    with RemoteServer(str(tiny_model), args, log,
+                      env=child_env(VLLM_SERVER_DEV_MODE="1")) as s:
+        wait_mirror(s)
+        seqs = [complete(s, text(k, 120), 40)["tokens"] for k in range(3)]
+        verify, hits = assert_standby_holds_everything(s, seqs)
+        assert hits["standby"] == [(len(q) - 1) // BLOCK * BLOCK for q in seqs]
+        assert s.get("/mirror").json()["transport"] == "direct"
+
+
+def test_bad_peer_is_a_startup_error_naming_the_flag(tiny_model):
+    import subprocess
+
+    bad = "cuda:7" if ON_CUDA else "cuda:0"
+    out = subprocess.run([*vllm_cli(), "serve", str(tiny_model), "--mirror-peer", bad,
+                          "--max-model-len", "256"], capture_output=True, text=True,
+                         env=child_env(), timeout=300)
+    assert out.returncode != 0
+    assert f"--mirror-peer {bad}: no such device" in out.stderr + out.stdout
+    assert "(EngineCore" not in out.stderr + out.stdout  # refused before any engine started
