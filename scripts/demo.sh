@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a CPU-only machine: set up vLLM-HA (CPU build), make a tiny model offline,
-# run the preflight, serve it with the patched `vllm serve`, and stream a request.
+# run the preflight, serve it with a KV mirror to a standby engine (`--mirror-peer cpu`), stream a
+# request, check that every cached block is on the standby, kill the standby and watch it come back.
 # Usage: scripts/demo.sh      env: VENV (default .venv), PORT (default 8000), WORK (default .work)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,6 +11,7 @@ PORT=${PORT:-8000}
 bash "$ROOT/scripts/setup-cpu.sh" "$VENV"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export VLLM_HOST_IP=127.0.0.1 UCX_NET_DEVICES=lo VLLM_CPU_KVCACHE_SPACE=1 TORCHDYNAMO_DISABLE=1
+export VLLM_SERVER_DEV_MODE=1  # the mirror's debug routes (/mirror/verify)
 mkdir -p "$WORK"
 MODEL="$WORK/tiny-llama"
 if [ ! -f "$MODEL/config.json" ]; then
@@ -20,10 +22,10 @@ fi
 printf '\n== vllm ha-check (what the HA features need on this machine)\n'
 "$VENV/bin/vllm" ha-check || true
 
-printf '\n== vllm serve %s on 127.0.0.1:%s (log: %s/serve.log)\n' "$MODEL" "$PORT" "$WORK"
+printf '\n== vllm serve %s --mirror-peer cpu on 127.0.0.1:%s (log: %s/serve.log)\n' "$MODEL" "$PORT" "$WORK"
 "$VENV/bin/vllm" serve "$MODEL" --served-model-name tiny --host 127.0.0.1 --port "$PORT" \
   --dtype float32 --max-model-len 1024 --enforce-eager --enable-prefix-caching \
-  > "$WORK/serve.log" 2>&1 &
+  --mirror-peer cpu > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 for i in $(seq 1 600); do
@@ -52,4 +54,30 @@ with requests.post(url, json=body, stream=True, timeout=120) as r:
                 print(piece, end="", flush=True)
 print(f"\n   {n} chunks in {time.perf_counter() - t0:.2f} s")
 PY
-printf '\n== done: the server stops now (the demo grows mirroring and failover in later releases)\n'
+mirror() {  # GET /mirror once its state is $1 (and nothing is in flight)
+  "$VENV/bin/python" - "$PORT" "$1" <<'PY'
+import json, sys, time, requests
+url, want = f"http://127.0.0.1:{sys.argv[1]}/mirror?refresh=true", sys.argv[2]
+for _ in range(240):
+    st = requests.get(url, timeout=30).json()
+    if st["state"] == want and (want == "down" or st["lag_blocks"] == 0):
+        break
+    time.sleep(0.5)
+print("   " + json.dumps({k: st[k] for k in ("state", "peer", "transport", "primary", "standby",
+                                              "blocks_mirrored", "lag_blocks", "standby_restarts")}))
+PY
+}
+printf '\n== the mirror (GET /mirror): every full KV block of the request is on the standby\n'
+mirror in_sync
+printf '   POST /mirror/verify: %s\n' "$(curl -s -X POST "http://127.0.0.1:$PORT/mirror/verify")"
+
+printf '\n== kill -9 the standby engine: the primary keeps serving, a new standby catches up\n'
+STANDBY=$(curl -s "http://127.0.0.1:$PORT/mirror" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["standby"]["pid"])')
+kill -9 "$STANDBY"
+mirror down
+curl -sf "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' \
+  -d '{"model": "tiny", "prompt": "served while the standby is down", "max_tokens": 8}' >/dev/null \
+  && echo "   a request served while unprotected"
+mirror in_sync
+printf '   POST /mirror/verify: %s\n' "$(curl -s -X POST "http://127.0.0.1:$PORT/mirror/verify")"
+printf '\n== done: the server stops now (failover of in-flight requests to the standby comes next)\n'

@@ -22,11 +22,11 @@ def test_invalid_peer_names_the_flag(value):
         MirrorConfig(peer=value)
 
 
-def test_defaults_and_bad_interval():
+def test_defaults_and_bad_staging_size():
     cfg = MirrorConfig(peer="cpu")
-    assert (cfg.transport, cfg.tail_sync_interval, cfg.required) == ("staged", 0, False)
-    with pytest.raises(ValidationError, match="--mirror-tail-sync-interval must be >= 0"):
-        MirrorConfig(peer="cpu", tail_sync_interval=-1)
+    assert (cfg.transport, cfg.staging_mib, cfg.allow_same_device) == ("staged", 256, False)
+    with pytest.raises(ValidationError, match="--mirror-staging-mib must be >= 1"):
+        MirrorConfig(peer="cpu", staging_mib=0)
     with pytest.raises(ValidationError):
         MirrorConfig(peer="cpu", transport="carrier-pigeon")
 
@@ -43,3 +43,39 @@ def test_same_device_needs_the_explicit_flag():
     MirrorConfig(peer="cuda:0", allow_same_device=True).check_devices("cuda:0", 1)
     MirrorConfig(peer="cuda:1").check_devices("cuda:0", 2)
     MirrorConfig(peer="cpu").check_devices("cpu", 0)
+
+
+def _parse(argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", *argv]))
+
+
+def test_flags_reach_the_engine_args_and_build_the_config():
+    from vllm.config.mirror import from_engine_args
+
+    args = _parse(["--mirror-peer", "cuda:1", "--mirror-transport", "direct",
+                   "--mirror-staging-mib", "64", "--mirror-allow-same-device"])
+    assert from_engine_args(args) == MirrorConfig(peer="cuda:1", transport="direct",
+                                                  staging_mib=64, allow_same_device=True)
+    assert from_engine_args(_parse([])) is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mirror-transport", "direct"], "--mirror-transport needs --mirror-peer"),
+    (["--mirror-peer", "cpu", "--no-enable-prefix-caching"], "needs prefix caching"),
+    (["--mirror-peer", "tcp://x:1"], "--mirror-peer 'tcp://x:1' is not a peer"),
+])
+def test_bad_flag_combinations_name_the_flag(argv, message):
+    from vllm.config.mirror import from_engine_args
+
+    with pytest.raises(ValueError, match=message):
+        from_engine_args(_parse(argv))
+
+
+def test_unknown_transport_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--mirror-peer", "cpu", "--mirror-transport", "pigeon"])
+    assert "--mirror-transport" in capsys.readouterr().err

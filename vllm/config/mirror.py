@@ -59,10 +59,6 @@ class MirrorConfig:
     It bounds the bytes of steps in flight to the standby; a step that does not
     fit is not mirrored (its blocks are reported failed, the primary goes on)."""
 
-    required: bool = False
-    """Refuse to serve while the standby is not in sync (instead of serving
-    unprotected and reporting it)."""
-
     allow_same_device: bool = False
     """Allow the standby on the primary's own device (testing with one GPU)."""
 
@@ -96,7 +92,7 @@ class MirrorConfig:
 # EngineArgs field -> MirrorConfig field; the flag is ``--`` + the EngineArgs field
 # with dashes (upstream naming: one ``--mirror-*`` group, like ``--kv-*``).
 _ENGINE_ARGS = {"mirror_peer": "peer", "mirror_transport": "transport",
-                "mirror_staging_mib": "staging_mib", "mirror_required": "required",
+                "mirror_staging_mib": "staging_mib",
                 "mirror_allow_same_device": "allow_same_device"}
 
 

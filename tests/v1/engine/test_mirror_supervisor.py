@@ -55,11 +55,13 @@ def wait_mirror(server: RemoteServer, state: str = "in_sync", timeout: float = 3
     raise AssertionError(f"mirror not {state} after {timeout} s: {last}\n{server.tail()}")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("mirror") / "serve.log"
+@pytest.fixture(scope="module", params=["staged", "direct"])
+def server(request, tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp(f"mirror-{request.param}") / "serve.log"
     env = child_env(VLLM_SERVER_DEV_MODE="1")
-    with RemoteServer(str(tiny_model), ARGS, log, env=env) as s:
+    args = ARGS + ["--mirror-transport", request.param]
+    with RemoteServer(str(tiny_model), args, log, env=env) as s:
+        s.transport = request.param
         wait_mirror(s)
         yield s
 
@@ -104,7 +106,7 @@ def metric(server: RemoteServer, name: str) -> float:
 
 def test_status_reports_both_engines(server):
     st = server.get("/mirror").json()
-    assert st["peer"] == ("cuda:0" if ON_CUDA else "cpu") and st["transport"] == "staged"
+    assert st["peer"] == ("cuda:0" if ON_CUDA else "cpu") and st["transport"] == server.transport
     assert st["primary"]["pid"] != st["standby"]["pid"]
     assert st["standby"]["num_blocks"] == NUM_BLOCKS
     # Operators tell the engines apart by process title.
@@ -168,18 +170,6 @@ def test_standby_death_leaves_primary_serving_and_restarted_standby_catches_up(s
     assert after["standby_restarts"] == before["standby_restarts"] + 1
     verify, _ = assert_standby_holds_everything(server, [fresh["tokens"]])
     assert verify["checked"] > 0
-
-
-def test_direct_transport(tiny_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("mirror-direct") / "serve.log"
-    args = ARGS + ["--mirror-transport", "direct"]
-    with RemoteServer(str(tiny_model), args, log,
-                      env=child_env(VLLM_SERVER_DEV_MODE="1")) as s:
-        wait_mirror(s)
-        seqs = [complete(s, text(k, 120), 40)["tokens"] for k in range(3)]
-        verify, hits = assert_standby_holds_everything(s, seqs)
-        assert hits["standby"] == [(len(q) - 1) // BLOCK * BLOCK for q in seqs]
-        assert s.get("/mirror").json()["transport"] == "direct"
 
 
 def test_bad_peer_is_a_startup_error_naming_the_flag(tiny_model):

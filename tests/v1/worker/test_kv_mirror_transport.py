@@ -118,3 +118,20 @@ def test_regions_dedupe_shared_tensors_and_need_equal_blocks():
     assert kv_regions([t], 8)[0].block_bytes == 16 * 4
     with pytest.raises(MirrorTransportError, match="not 3 equal blocks"):
         kv_regions([t], 3)
+
+
+def test_permuted_kv_views_map_to_their_block_major_storage():
+    # vLLM's CUDA KV caches are permuted views (NHD stride order): logical
+    # (blocks, heads, block_size, 2*head) over a physical (blocks, block_size, heads, 2*head).
+    blocks, bs, heads, dim = 6, 4, 2, 8
+    physical = torch.arange(blocks * bs * heads * dim, dtype=torch.float32).view(
+        blocks, bs, heads, dim)
+    logical = physical.permute(0, 2, 1, 3)
+    assert not logical.is_contiguous()
+    (region,) = kv_regions([logical, physical[1:]], blocks)  # one allocation, once
+    assert (region.base, region.block_bytes) == (physical.data_ptr(), bs * heads * dim * 4)
+    import hashlib
+
+    from vllm.v1.worker.kv_mirror_worker import block_checksums
+    assert block_checksums([logical], blocks, [3]) == [
+        hashlib.sha256(physical[3].numpy().tobytes()).hexdigest()]

@@ -20,8 +20,9 @@ from vllm.logger import init_logger
 from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
     from vllm.v1.core.block_pool import BlockPool
+
+    from vllm.config import VllmConfig
 
 logger = init_logger(__name__)
 

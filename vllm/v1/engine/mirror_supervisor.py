@@ -121,8 +121,8 @@ class StandbyProcess:
         import multiprocessing
 
         import zmq
-
         from vllm.utils.network_utils import get_open_zmq_ipc_path
+
         from vllm.v1.engine.mirror_standby import STANDBY_TITLE_PREFIX, run_standby
 
         self.control_address = get_open_zmq_ipc_path()

@@ -91,7 +91,7 @@ class StagingRing:
 def _block_views(kv_caches: Sequence[torch.Tensor], regions: list[KVRegion]
                  ) -> list[torch.Tensor]:
     """uint8 [num_blocks, block_bytes] views, one per region."""
-    return [t.view(-1).view(torch.uint8).view(r.num_blocks, r.block_bytes)
+    return [t.view(r.num_blocks, r.block_bytes)
             for t, r in zip(unique_tensors(kv_caches), regions)]
 
 

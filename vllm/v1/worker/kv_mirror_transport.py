@@ -55,23 +55,30 @@ class KVRegion:
 
 
 def unique_tensors(kv_caches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The distinct KV cache tensors (layers that share a tensor count once)."""
+    """The distinct KV cache allocations, each as a flat uint8 tensor over its whole
+    storage (layers that share an allocation count once).
+
+    vLLM hands out permuted views (the NHD stride order of FlashAttention on CUDA is
+    not the logical order), so a layer's tensor is often not contiguous; its storage
+    is, and it is block-major: block ``i`` is bytes ``[i * page, (i + 1) * page)``."""
     out: dict[int, torch.Tensor] = {}
     for t in kv_caches:
-        out.setdefault(t.data_ptr(), t)
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in out:
+            flat = torch.empty(0, dtype=torch.uint8, device=t.device)
+            flat.set_(storage, 0, (storage.nbytes(),))
+            out[storage.data_ptr()] = flat
     return list(out.values())
 
 
 def kv_regions(kv_caches: Iterable[torch.Tensor], num_blocks: int) -> list[KVRegion]:
-    """Regions of a worker's KV cache tensors, one per distinct tensor."""
+    """Regions of a worker's KV cache allocations, one per distinct allocation."""
     regions: list[KVRegion] = []
     for t in unique_tensors(kv_caches):
-        if not t.is_contiguous():
-            raise MirrorTransportError("KV cache tensors must be contiguous to mirror")
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel()
         if nbytes % num_blocks:
             raise MirrorTransportError(
-                f"KV cache tensor of {nbytes} bytes is not {num_blocks} equal blocks")
+                f"KV cache allocation of {nbytes} bytes is not {num_blocks} equal blocks")
         regions.append(KVRegion(t.data_ptr(), num_blocks, nbytes // num_blocks,
                                 (t.device.index or 0) if t.is_cuda else 0))
     if not regions:

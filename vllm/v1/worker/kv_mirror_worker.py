@@ -151,8 +151,7 @@ def worker_kv_caches(worker: WorkerBase) -> list[torch.Tensor]:
 def block_checksums(kv_caches: list[torch.Tensor], num_blocks: int,
                     block_ids: list[int]) -> list[str]:
     """sha256 of each block's bytes over every KV tensor (debug and tests)."""
-    views = [t.view(-1).view(torch.uint8).view(num_blocks, -1)
-             for t in unique_tensors(kv_caches)]
+    views = [t.view(num_blocks, -1) for t in unique_tensors(kv_caches)]
     out = []
     for b in block_ids:
         h = hashlib.sha256()
@@ -265,7 +264,7 @@ class StandbyWorkerMirror:
         self.staged = transport == "staged"
         self.endpoint: Any
         if self.staged:
-            row = sum(t.numel() * t.element_size() for t in unique_tensors(kv)) // num_blocks
+            row = sum(t.numel() for t in unique_tensors(kv)) // num_blocks
             ring = max(row, staging_bytes // row * row)
             self.endpoint = StagedStandbyEndpoint(name, kv, num_blocks, ring)
         else:

@@ -9,11 +9,10 @@ block, so they exist only with ``VLLM_SERVER_DEV_MODE=1``, like upstream's dev r
 
 from __future__ import annotations
 
+import vllm.envs as envs
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-
-import vllm.envs as envs
 
 router = APIRouter()
 debug_router = APIRouter()

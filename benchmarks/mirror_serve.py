@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""KV mirroring cost on a served model: the same `vllm serve` without and with
+``--mirror-peer``, in the same run, on the same prompts.
+
+    python benchmarks/mirror_serve.py MODEL --peer cuda:0 --serve-args "--load-format dummy ..."
+    python benchmarks/mirror_serve.py MODEL --peer cpu --concurrency 1 4 --output-len 32
+
+For each concurrency: decode tokens/s (output tokens / wall time of the batch, every
+request ``ignore_eos`` with the same output length) off and on, and the ratio; TTFT of
+long prompts (streamed, first token) off and on; with the mirror on, lag in steps
+p50/p99 (``vllm:mirror_lag_steps``) and bytes/s mirrored. Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import requests
+
+WORDS = ("cache block mirror standby engine primary worker scheduler token stream "
+         "prefix hash layer tensor copy write").split()
+
+
+def prompt(seed: int, n_words: int) -> str:
+    return " ".join(WORDS[(seed * 13 + i * 7 + i // 5) % len(WORDS)] for i in range(n_words))
+
+
+class Server:
+    def __init__(self, model: str, args: list[str], log: str, env: dict[str, str],
+                 timeout: float) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "m",
+               *args]
+        self.log = open(log, "w")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}; see {log}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            self.close()
+            raise TimeoutError(f"server not healthy in {timeout} s; see {log}")
+        self.startup_s = time.monotonic() - t0
+
+    def wait_mirror(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            st = requests.get(self.url + "/mirror?refresh=true", timeout=30).json()
+            if st["state"] == "in_sync":
+                return time.monotonic() - t0
+            time.sleep(1)
+        raise TimeoutError(f"mirror not in sync in {timeout} s")
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in requests.get(self.url + "/metrics", timeout=30).text.splitlines():
+            if line.startswith("vllm:mirror_"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def complete(url: str, text: str, max_tokens: int) -> int:
+    r = requests.post(url + "/v1/completions", json={
+        "model": "m", "prompt": text, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True}, timeout=600)
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"]
+
+
+def ttft(url: str, text: str) -> float:
+    t0 = time.perf_counter()
+    with requests.post(url + "/v1/completions", json={
+            "model": "m", "prompt": text, "max_tokens": 2, "temperature": 0,
+            "ignore_eos": True, "stream": True}, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: {"):
+                return time.perf_counter() - t0
+    raise RuntimeError("no token streamed")
+
+
+def decode_tps(url: str, conc: int, prompt_words: int, output_len: int, seed: int) -> float:
+    texts = [prompt(seed + i, prompt_words) for i in range(conc)]
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(conc) as ex:
+        tokens = sum(ex.map(lambda t: complete(url, t, output_len), texts))
+    return tokens / (time.perf_counter() - t0)
+
+
+def histogram_quantile(metrics: dict[str, float], name: str, q: float) -> float | None:
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in metrics.items()
+                     if k.startswith(name + "_bucket"))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return buckets[-1][0]
+
+
+def run(server: Server, a: argparse.Namespace, mirrored: bool) -> dict:
+    url = server.url
+    complete(url, prompt(0, 32), 8)  # warm up
+    res: dict = {"startup_s": round(server.startup_s, 1), "decode_tps": {}, "ttft_s": []}
+    if mirrored:
+        res["mirror_ready_s"] = round(server.wait_mirror(a.timeout), 1)
+        before = server.metrics()
+    t0 = time.monotonic()
+    for conc in a.concurrency:
+        runs = [decode_tps(url, conc, a.prompt_words, a.output_len, 1000 * conc + k)
+                for k in range(a.repeats)]
+        res["decode_tps"][conc] = round(statistics.median(runs), 1)
+    res["ttft_s"] = [round(ttft(url, prompt(7000 + k, a.long_prompt_words)), 4)
+                     for k in range(a.repeats)]
+    if mirrored:
+        server.wait_mirror(a.timeout)
+        after = server.metrics()
+        wall = time.monotonic() - t0
+        res["mirror"] = {
+            "lag_steps_p50": histogram_quantile(after, "vllm:mirror_lag_steps", 0.5),
+            "lag_steps_p99": histogram_quantile(after, "vllm:mirror_lag_steps", 0.99),
+            "transfer_s_p50": histogram_quantile(after, "vllm:mirror_transfer_seconds", 0.5),
+            "transfer_s_p99": histogram_quantile(after, "vllm:mirror_transfer_seconds", 0.99),
+            "blocks": after.get("vllm:mirror_blocks_total", 0)
+            - before.get("vllm:mirror_blocks_total", 0),
+            "bytes_per_s": (after.get("vllm:mirror_bytes_total", 0)
+                            - before.get("vllm:mirror_bytes_total", 0)) / wall,
+            "blocks_failed": after.get("vllm:mirror_blocks_failed_total", 0),
+        }
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--peer", default="cpu")
+    ap.add_argument("--serve-args", default="", help="extra `vllm serve` args for both runs")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--prompt-words", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--long-prompt-words", type=int, default=6000,
+                    help="TTFT prompt (about 8k tokens with the test tokenizers)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--log-dir", default=".")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    base = shlex.split(a.serve_args)
+    mirror = ["--mirror-peer", a.peer]
+    if a.peer.startswith("cuda:"):
+        mirror.append("--mirror-allow-same-device")
+    results = {}
+    for label, args in (("off", base), ("on", base + mirror)):
+        server = Server(a.model, args, os.path.join(a.log_dir, f"serve-mirror-{label}.log"),
+                        env, a.timeout)
+        try:
+            results[label] = run(server, a, mirrored=label == "on")
+        finally:
+            server.close()
+
+    off, on = results["off"], results["on"]
+    print(f"{'concurrency':>12} {'off tok/s':>10} {'on tok/s':>10} {'ratio':>7}")
+    ratios = {}
+    for conc in a.concurrency:
+        ratios[conc] = round(on["decode_tps"][conc] / off["decode_tps"][conc], 4)
+        print(f"{conc:>12} {off['decode_tps'][conc]:>10.1f} {on['decode_tps'][conc]:>10.1f} "
+              f"{ratios[conc]:>7.3f}")
+    ttft_ratio = statistics.median(on["ttft_s"]) / statistics.median(off["ttft_s"])
+    print(f"TTFT long prompt: off {statistics.median(off['ttft_s']) * 1e3:.1f} ms, "
+          f"on {statistics.median(on['ttft_s']) * 1e3:.1f} ms, ratio {ttft_ratio:.3f}")
+    print(f"mirror: {json.dumps(on['mirror'])}")
+    report = {"benchmark": "mirror_serve", "date": datetime.datetime.now().isoformat(),
+              "host": platform.node(), "command": " ".join(sys.argv), "peer": a.peer,
+              "results": results, "decode_ratio": ratios, "ttft_ratio": round(ttft_ratio, 4)}
+    try:
+        import torch
+        report["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                            else platform.processor() or "cpu")
+        import vllm
+        report["vllm"] = vllm.__version__
+    except Exception:
+        pass
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
