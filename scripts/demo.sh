@@ -25,7 +25,7 @@ printf '\n== vllm ha-check (what the HA features need on this machine)\n'
 printf '\n== vllm serve %s --mirror-peer cpu on 127.0.0.1:%s (log: %s/serve.log)\n' "$MODEL" "$PORT" "$WORK"
 "$VENV/bin/vllm" serve "$MODEL" --served-model-name tiny --host 127.0.0.1 --port "$PORT" \
   --dtype float32 --max-model-len 1024 --enforce-eager --enable-prefix-caching \
-  --mirror-peer cpu > "$WORK/serve.log" 2>&1 &
+  --block-size 16 --mirror-peer cpu > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 for i in $(seq 1 600); do
@@ -42,7 +42,7 @@ printf '\n== streaming a chat completion\n'
 import json, sys, time, requests
 url = f"http://127.0.0.1:{sys.argv[1]}/v1/chat/completions"
 body = {"model": "tiny", "messages": [{"role": "user", "content": "tell me about the cache"}],
-        "max_tokens": 48, "temperature": 0, "stream": True}
+        "max_tokens": 96, "temperature": 0, "stream": True}
 t0, n = time.perf_counter(), 0
 with requests.post(url, json=body, stream=True, timeout=120) as r:
     r.raise_for_status()
