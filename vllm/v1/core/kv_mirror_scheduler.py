@@ -165,8 +165,8 @@ class SchedulerMirror:
     def has_pending_work(self) -> bool:
         """Keep the engine stepping until in-flight copies are confirmed (their
         blocks are pinned) and the catch-up backlog is queued."""
-        return self.tracker is not None and bool(
-            self._issued or self._backlog or self.tracker.lag_blocks)
+        # lag_blocks counts pending and in-flight blocks (every issued step's).
+        return self.tracker is not None and bool(self._backlog or self.tracker.lag_blocks)
 
     # -- observability ---------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransportError,
     StandbyDescriptor,
     StandbyEndpoint,
+    kv_regions,
     parse_step_notification,
     unique_tensors,
 )
@@ -264,7 +265,7 @@ class StandbyWorkerMirror:
         self.staged = transport == "staged"
         self.endpoint: Any
         if self.staged:
-            row = sum(t.numel() for t in unique_tensors(kv)) // num_blocks
+            row = sum(r.block_bytes for r in kv_regions(kv, num_blocks))
             ring = max(row, staging_bytes // row * row)
             self.endpoint = StagedStandbyEndpoint(name, kv, num_blocks, ring)
         else:
