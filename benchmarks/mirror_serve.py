@@ -82,6 +82,16 @@ class Server:
                 out[name] = float(value)
         return out
 
+    def verify(self) -> dict:
+        """Every cached block of the primary byte-identical on the standby (dev-mode route)."""
+        r = requests.post(self.url + "/mirror/verify", timeout=600)
+        if r.status_code == 404:
+            return {"skipped": "VLLM_SERVER_DEV_MODE is not set"}
+        r.raise_for_status()
+        v = r.json()
+        return {"checked": v["checked"], "missing": len(v["missing"]),
+                "mismatched": len(v["mismatched"])}
+
     def close(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -99,6 +109,23 @@ def complete(url: str, text: str, max_tokens: int) -> int:
         "ignore_eos": True}, timeout=600)
     r.raise_for_status()
     return r.json()["usage"]["completion_tokens"]
+
+
+def prompt_tokens(url: str, text: str) -> int:
+    r = requests.post(url + "/v1/completions", json={
+        "model": "m", "prompt": text, "max_tokens": 1, "temperature": 0}, timeout=600)
+    r.raise_for_status()
+    return r.json()["usage"]["prompt_tokens"]
+
+
+def gpu_processes() -> list[str]:
+    """What `nvidia-smi` shows an operator: the standby must be told from the primary."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 def ttft(url: str, text: str) -> float:
@@ -147,6 +174,7 @@ def run(server: Server, a: argparse.Namespace, mirrored: bool) -> dict:
         res["decode_tps"][conc] = round(statistics.median(runs), 1)
     res["ttft_s"] = [round(ttft(url, prompt(7000 + k, a.long_prompt_words)), 4)
                      for k in range(a.repeats)]
+    res["long_prompt_tokens"] = prompt_tokens(url, prompt(7000, a.long_prompt_words))
     if mirrored:
         server.wait_mirror(a.timeout)
         after = server.metrics()
@@ -161,7 +189,9 @@ def run(server: Server, a: argparse.Namespace, mirrored: bool) -> dict:
             "bytes_per_s": (after.get("vllm:mirror_bytes_total", 0)
                             - before.get("vllm:mirror_bytes_total", 0)) / wall,
             "blocks_failed": after.get("vllm:mirror_blocks_failed_total", 0),
+            "verify": server.verify(),
         }
+        res["gpu_processes"] = gpu_processes()
     return res
 
 
@@ -173,15 +203,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--prompt-words", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--long-prompt-words", type=int, default=6000,
-                    help="TTFT prompt (about 8k tokens with the test tokenizers)")
+    ap.add_argument("--long-prompt-words", type=int, default=3900,
+                    help="TTFT prompt (about 8k tokens with the scripts/make_tiny_model.py tokenizer)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--log-dir", default=".")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    # Dev mode only adds the /mirror/verify route, read once after the timed part.
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_SERVER_DEV_MODE": "1"}
     base = shlex.split(a.serve_args)
     mirror = ["--mirror-peer", a.peer]
     if a.peer.startswith("cuda:"):

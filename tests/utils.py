@@ -99,7 +99,13 @@ class RemoteServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
+            # Logs of remote runs (the GPU host) must come back with the results.
+            keep = os.environ.get("VLLM_HA_TEST_LOG_DIR")
+            if keep:
+                name = f"{self.log_path.parent.name}-{self.log_path.name}"
+                shutil.copyfile(self.log_path, Path(keep) / name)
 
     def __enter__(self) -> RemoteServer:
         return self

@@ -2,13 +2,15 @@
 # Run the GPU-host part of the test suite. On the GPU host, after ../shared/gpu's staged
 # install (". /tmp/stage/install.sh" puts upstream vLLM 0.26.0 in /tmp/site):
 #   bash tests/gpu/run_on_gpu_host.sh [apply|check|test|all]   (logs under $OUT or ./gpu-out)
+#   bash tests/gpu/run_on_gpu_host.sh mirror                   (the mirror e2e test on CUDA)
+#   bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b       (benchmarks/mirror_serve.py)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 LOG=${OUT:-$ROOT/gpu-out}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$LOG"
 cd "$ROOT"
-export VLLM_HA_TEST_DEVICE=cuda PYTHONUNBUFFERED=1
+export VLLM_HA_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 VLLM_HA_TEST_LOG_DIR=$LOG
 what=${1:-all}
 rc=0
 if [ "$what" = apply ] || [ "$what" = all ]; then
@@ -26,6 +28,31 @@ fi
 if [ "$what" = test ] || [ "$what" = all ]; then
   python3 -m pytest -v -p no:cacheprovider tests/test_distribution.py tests/entrypoints tests/v1 \
     2>&1 | tee "$LOG/pytest.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = mirror ]; then
+  python3 -m pytest -v -p no:cacheprovider tests/v1/engine/test_mirror_supervisor.py \
+    2>&1 | tee "$LOG/pytest-mirror.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = bench-mirror ]; then
+  shape=${2:-1b}
+  model=/tmp/models/llama-$shape
+  if [ ! -d "$model" ]; then
+    # Llama-3-8B / -3.2-1B-like shapes, no weights (served with --load-format dummy).
+    if [ "$shape" = 8b ]; then
+      dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"
+    else
+      dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"
+    fi
+    python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 --max-pos 16384 \
+      --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
+  fi
+  util=$([ "$shape" = 8b ] && echo 0.4 || echo 0.3)
+  python3 "$ROOT/benchmarks/mirror_serve.py" "$model" --peer cuda:0 --log-dir "$LOG" \
+    --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 10240" \
+    --concurrency 1 32 128 --repeats 3 --out "$LOG/mirror_serve_$shape.json" \
+    2>&1 | tee "$LOG/bench-mirror-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
 from tests.v1.core.test_kv_mirror import BLOCK, decode, make_manager, make_request, prefill
 from tests.v1.worker.mirror_standby import standby_engine_main
@@ -21,7 +22,7 @@ from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransportError,
     StandbyDescriptor,
 )
-from vllm.v1.worker.kv_mirror_worker import MirrorPusher
+from vllm.v1.worker.kv_mirror_worker import MirrorCompletions, MirrorPusher, with_completions
 
 LAYERS, NUM_BLOCKS, BLOCK_ELEMS = 2, 48, 64
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
@@ -170,3 +171,19 @@ def test_write_without_a_standby_raises_a_transport_error():
     with pytest.raises(MirrorTransportError):
         transport.write([1], 0)
     transport.close()
+
+
+class _Pending(AsyncModelRunnerOutput):
+    def get_output(self) -> ModelRunnerOutput:
+        return EMPTY_MODEL_RUNNER_OUTPUT
+
+
+def test_completions_ride_on_sync_and_async_outputs():
+    done = MirrorCompletions(done=[3])
+    out = with_completions(EMPTY_MODEL_RUNNER_OUTPUT, done)
+    assert out.mirror_completions is done
+    assert EMPTY_MODEL_RUNNER_OUTPUT.mirror_completions is None  # shared instance untouched
+    # Async scheduling: the executors resolve outputs they recognise by isinstance.
+    wrapped = with_completions(_Pending(), done)
+    assert isinstance(wrapped, AsyncModelRunnerOutput)
+    assert wrapped.get_output().mirror_completions is done

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from vllm.logger import init_logger
+from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
 from vllm.v1.core.kv_mirror import MirrorStepOps
 from vllm.v1.worker.kv_mirror_staged import (
@@ -162,15 +163,27 @@ def block_checksums(kv_caches: list[torch.Tensor], num_blocks: int,
     return out
 
 
-class _MirroredAsyncOutput:
-    """An AsyncModelRunnerOutput whose ModelRunnerOutput carries mirror completions."""
+class _MirroredAsyncOutput(AsyncModelRunnerOutput):
+    """An AsyncModelRunnerOutput whose ModelRunnerOutput carries mirror completions.
 
-    def __init__(self, inner: Any, completions: MirrorCompletions) -> None:
+    A subclass, not a duck type: the executors recognise async outputs by isinstance
+    and would otherwise hand this wrapper to the scheduler unresolved."""
+
+    def __init__(self, inner: AsyncModelRunnerOutput, completions: MirrorCompletions) -> None:
         self.inner = inner
         self.completions = completions
 
-    def get_output(self) -> Any:
+    def get_output(self) -> ModelRunnerOutput:
         return replace(self.inner.get_output(), mirror_completions=self.completions)
+
+
+def with_completions(output: Any, completions: MirrorCompletions) -> Any:
+    """``output`` (a ModelRunnerOutput or an AsyncModelRunnerOutput) carrying
+    ``completions`` to the scheduler."""
+    if isinstance(output, AsyncModelRunnerOutput):
+        return _MirroredAsyncOutput(output, completions)
+    # replace(): EMPTY_MODEL_RUNNER_OUTPUT is a shared instance.
+    return replace(output, mirror_completions=completions)
 
 
 class WorkerMirror:
@@ -220,10 +233,7 @@ class WorkerMirror:
         if output is None or not (self._completions.done or self._completions.failed):
             return output
         completions, self._completions = self._completions, MirrorCompletions()
-        if hasattr(output, "get_output"):  # AsyncModelRunnerOutput
-            return _MirroredAsyncOutput(output, completions)
-        # replace(): EMPTY_MODEL_RUNNER_OUTPUT is a shared instance.
-        return replace(output, mirror_completions=completions)
+        return with_completions(output, completions)
 
     def close(self) -> None:
         self.transport.close()

@@ -9,10 +9,14 @@ block, so they exist only with ``VLLM_SERVER_DEV_MODE=1``, like upstream's dev r
 
 from __future__ import annotations
 
+import asyncio
+
 import vllm.envs as envs
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+
+REFRESH_TIMEOUT_S = 5.0
 
 router = APIRouter()
 debug_router = APIRouter()
@@ -37,7 +41,8 @@ async def mirror_status(raw_request: Request, refresh: bool = False) -> JSONResp
         return _not_mirrored()
     if refresh:
         try:
-            return JSONResponse(await sup.refresh())
+            # Bounded: a wedged engine must not hang the status route.
+            return JSONResponse(await asyncio.wait_for(sup.refresh(), REFRESH_TIMEOUT_S))
         except Exception:
             pass  # the last known state is still worth returning
     return JSONResponse(sup.status())
