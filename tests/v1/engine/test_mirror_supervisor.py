@@ -77,13 +77,14 @@ def complete(server: RemoteServer, prompt: str, max_tokens: int) -> dict:
 
 def stream(server: RemoteServer, prompt: str, max_tokens: int, out: list) -> None:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
     n = 0
     with server.post("/v1/completions", body, stream=True, timeout=300) as r:
         assert r.status_code == 200, r.text
         for line in r.iter_lines(decode_unicode=True):
             if line.startswith("data: {"):
-                n += len(json.loads(line[6:])["choices"])
+                # Tokens, not chunks: the detokenizer may hold a token back a chunk.
+                n += sum(len(c["token_ids"] or []) for c in json.loads(line[6:])["choices"])
     out.append(n)
 
 

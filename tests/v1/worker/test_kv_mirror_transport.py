@@ -17,6 +17,8 @@ from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransportError,
     StandbyDescriptor,
     kv_regions,
+    poll_xfer,
+    start_xfer,
 )
 
 LAYERS, NUM_BLOCKS, BLOCK_ELEMS = 3, 16, 256  # 1 KiB per block per layer
@@ -135,3 +137,30 @@ def test_permuted_kv_views_map_to_their_block_major_storage():
     from vllm.v1.worker.kv_mirror_worker import block_checksums
     assert block_checksums([logical], blocks, [3]) == [
         hashlib.sha256(physical[3].numpy().tobytes()).hexdigest()]
+
+
+class _DisconnectedAgent:
+    """NIXL over UCX cuda_ipc raises (nixlRemoteDisconnectError) once the standby process
+    is gone, where the CPU backends answer "ERR"; seen on the H100 when a test killed
+    the standby mid-stream."""
+
+    def __init__(self) -> None:
+        self.released: list[object] = []
+
+    def transfer(self, handle):
+        raise RuntimeError("NIXL_ERR_REMOTE_DISCONNECT")
+
+    def check_xfer_state(self, handle):
+        raise RuntimeError("NIXL_ERR_REMOTE_DISCONNECT")
+
+    def release_xfer_handle(self, handle):
+        self.released.append(handle)
+
+
+def test_a_raising_nixl_agent_is_a_transport_error_and_releases_the_handle():
+    agent = _DisconnectedAgent()
+    with pytest.raises(MirrorTransportError, match="REMOTE_DISCONNECT"):
+        start_xfer(agent, "h1")
+    with pytest.raises(MirrorTransportError, match="REMOTE_DISCONNECT"):
+        poll_xfer(agent, "h2")
+    assert agent.released == ["h1", "h2"]

@@ -98,22 +98,41 @@ def check_layout(mine: Sequence[KVRegion], theirs: Sequence[KVRegion]) -> None:
             "with the same model, dtype, block size and --num-gpu-blocks-override")
 
 
-def start_xfer(agent: Any, handle: Any) -> Any:
-    """Post a prepared transfer; on failure release it and raise."""
-    if agent.transfer(handle) == "ERR":
+def _release_quietly(agent: Any, handle: Any) -> None:
+    try:
         agent.release_xfer_handle(handle)
+    except Exception:  # the peer is gone; nothing left to release on its side
+        pass
+
+
+def start_xfer(agent: Any, handle: Any) -> Any:
+    """Post a prepared transfer; on failure release it and raise MirrorTransportError.
+
+    NIXL reports a vanished peer either as an "ERR" state or by raising (e.g.
+    ``nixlRemoteDisconnectError`` over UCX cuda_ipc); both mean the same to us."""
+    try:
+        started = agent.transfer(handle) != "ERR"
+    except Exception as e:
+        _release_quietly(agent, handle)
+        raise MirrorTransportError(f"NIXL WRITE failed to start: {e!r}") from e
+    if not started:
+        _release_quietly(agent, handle)
         raise MirrorTransportError("NIXL WRITE failed to start")
     return handle
 
 
 def poll_xfer(agent: Any, handle: Any) -> bool | None:
     """True when done (handle released), None while in progress; raises on failure."""
-    state = agent.check_xfer_state(handle)
+    try:
+        state = agent.check_xfer_state(handle)
+    except Exception as e:
+        _release_quietly(agent, handle)
+        raise MirrorTransportError(f"NIXL WRITE failed: {e!r}") from e
     if state == "DONE":
         agent.release_xfer_handle(handle)
         return True
     if state == "ERR":
-        agent.release_xfer_handle(handle)
+        _release_quietly(agent, handle)
         raise MirrorTransportError("NIXL WRITE failed")
     return None
 

@@ -96,7 +96,7 @@ class MirrorPusher:
             try:
                 self._in_flight[ops.seq] = self.transport.write(ids, ops.seq)
                 self.bytes_pushed += len(ids) * self.transport.bytes_per_block
-            except MirrorTransportError as e:
+            except Exception as e:  # never the primary's problem: the step is failed
                 logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
                 self._completions.failed.append(ops.seq)
 
@@ -111,14 +111,20 @@ class MirrorPusher:
                         self._awaiting_ack.add(seq)
                     else:
                         self._completions.done.append(seq)
-            except MirrorTransportError as e:
+            except Exception as e:
                 logger.warning("mirror: step %d failed: %s", seq, e)
                 self._completions.failed.append(seq)
                 del self._in_flight[seq]
                 if self.transport.requires_ack:
                     self.transport.abandon(seq)
         if self.transport.requires_ack:
-            for seq in self.transport.poll_acks():
+            try:
+                acks = self.transport.poll_acks()
+            except Exception as e:
+                # Unacknowledged steps stay pending; the scheduler's reconnect clears them.
+                logger.warning("mirror: standby acknowledgements lost: %s", e)
+                acks = []
+            for seq in acks:
                 if seq in self._awaiting_ack:
                     self._awaiting_ack.discard(seq)
                     self._completions.done.append(seq)
