@@ -183,3 +183,30 @@ def test_bad_peer_is_a_startup_error_naming_the_flag(tiny_model):
     assert out.returncode != 0
     assert f"--mirror-peer {bad}: no such device" in out.stderr + out.stdout
     assert "(EngineCore" not in out.stderr + out.stdout  # refused before any engine started
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_to_the_api_server_stops_both_engines(tiny_model, tmp_path):
+    """What Kubernetes does: SIGTERM to the API server only. Upstream's shutdown may run
+    twice, beside the supervisor's own; the standby and the primary must both exit."""
+    env = child_env(VLLM_SERVER_DEV_MODE="1")
+    server = RemoteServer(str(tiny_model), ARGS, tmp_path / "serve.log", env=env)
+    try:
+        st = wait_mirror(server)
+        pids = {"api server": server.proc.pid, "primary": st["primary"]["pid"],
+                "standby": st["standby"]["pid"]}
+        os.kill(server.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(map(_running, pids.values())):
+            time.sleep(0.5)
+        left = {name: pid for name, pid in pids.items() if _running(pid)}
+        assert not left, f"still running 60 s after SIGTERM: {left}\n{server.tail()}"
+    finally:
+        server.close()

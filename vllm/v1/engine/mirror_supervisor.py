@@ -149,10 +149,17 @@ class StandbyProcess:
         self._zmq_ctx = zmq.Context()
         self._sock = None
         self._lock = threading.Lock()  # the supervisor and HTTP handlers share the socket
+        # stop() runs from the supervisor thread and from AsyncLLM.shutdown (which
+        # upstream may call twice): once only, or zmq's context term() hangs.
+        self._stop_lock = threading.Lock()
+        self._stopping = False
+        self._closed = False
 
     def request(self, *msg: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """One control request; raises if the standby errs, dies or times out."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("standby engine stopped")
             return self._request(msg, timeout)
 
     def _request(self, msg: tuple, timeout: float) -> Any:
@@ -189,6 +196,12 @@ class StandbyProcess:
         return self.proc.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the standby (politely, then SIGTERM, then SIGKILL); idempotent and
+        safe from several threads."""
+        with self._stop_lock:
+            if self._stopping:
+                return
+            self._stopping = True
         if self.proc.is_alive():
             try:
                 self.request("stop", timeout=2.0)
@@ -201,8 +214,10 @@ class StandbyProcess:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
-        self._reset_socket()
-        self._zmq_ctx.term()
+        with self._lock:
+            self._closed = True
+            self._reset_socket()
+            self._zmq_ctx.term()
 
 
 class MirrorSupervisor:
@@ -386,10 +401,11 @@ class MirrorSupervisor:
         self.state.state = "down"
         self.metrics.standby_up.set(0)
         self.metrics.in_sync.set(0)
-        try:
-            self._call_primary("mirror_stop", timeout=10)
-        except Exception as e:
-            logger.debug("mirror: primary mirror_stop failed: %s", e)
+        if not self._stop.is_set():  # on shutdown the primary is going away too
+            try:
+                self._call_primary("mirror_stop", timeout=10)
+            except Exception as e:
+                logger.debug("mirror: primary mirror_stop failed: %s", e)
         if self.standby is not None:
             self.standby.stop()
 
