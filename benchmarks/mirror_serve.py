@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--peer", default="cpu")
     ap.add_argument("--serve-args", default="", help="extra `vllm serve` args for both runs")
+    ap.add_argument("--mirror-args", default="",
+                    help="extra args for the mirrored run (e.g. --mirror-transport direct)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--prompt-words", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
@@ -215,7 +217,7 @@ def main() -> None:
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_SERVER_DEV_MODE": "1"}
     base = shlex.split(a.serve_args)
-    mirror = ["--mirror-peer", a.peer]
+    mirror = ["--mirror-peer", a.peer, *shlex.split(a.mirror_args)]
     if a.peer.startswith("cuda:"):
         mirror.append("--mirror-allow-same-device")
     results = {}

@@ -314,3 +314,34 @@ def test_block_resent_while_pending_holds_two_reservations(primary, standby_pool
     ingest.on_landed(ops.seq)
     ingest.on_landed(again.seq)
     _assert_standby_invariants(standby)
+
+
+def test_a_capped_step_sends_the_oldest_blocks_and_keeps_the_rest_pinned(primary):
+    manager, tracker = primary
+    req = make_request(list(range(5 * BLOCK)))
+    ids = prefill(manager, req)
+    first = tracker.take_step_ops(max_blocks=2)
+    assert [b.block_id for b in first.write] == ids[:2]  # parents before children
+    manager.free(req)
+    # Blocks not yet handed out stay pinned like those in flight.
+    assert manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1 - 5
+    second = tracker.take_step_ops(max_blocks=2)
+    third = tracker.take_step_ops(max_blocks=2)
+    assert [b.block_id for b in second.write + third.write] == ids[2:]
+    assert tracker.take_step_ops(max_blocks=2).write == []
+    for ops in (first, second, third):
+        tracker.complete(ops.seq)
+    assert manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+
+
+def test_a_failed_step_returns_its_blocks_for_another_copy(primary):
+    manager, tracker = primary
+    req, ops = prefilled_ops(manager, tracker, list(range(3 * BLOCK)))
+    ids = tracker.complete(ops.seq, ok=False)
+    assert ids == [b.block_id for b in ops.write] and tracker.num_blocks_failed == 3
+    assert tracker.resync(ids) == 3  # still cached: queued again
+    again = tracker.take_step_ops()
+    assert [b.block_id for b in again.write] == ids
+    assert [b.block_hash for b in again.write] == [b.block_hash for b in ops.write]
+    tracker.complete(again.seq)
+    manager.free(req)

@@ -68,11 +68,13 @@ def test_round_trip_in_one_process_with_ack_and_ring_reuse(device):
     for seq, ids in enumerate([[1, 6], [3], [7, 2]]):
         handle = primary.write(ids, seq)
         deadline = time.monotonic() + 10
-        while primary.poll(handle) is None:
-            assert time.monotonic() < deadline
         landed = []
-        while not landed:
-            landed = standby.poll_landed()
+        # No NIXL progress threads: each side progresses when it polls, as the
+        # primary's steps and the standby's loop do in a server.
+        done = False
+        while not (done and landed):
+            done = done or primary.poll(handle) is not None
+            landed = landed or standby.poll_landed()
             assert time.monotonic() < deadline
         assert landed == [(seq, landed[0][1], len(ids))]
         standby.scatter(seq, landed[0][1], ids)
@@ -86,3 +88,41 @@ def test_round_trip_in_one_process_with_ack_and_ring_reuse(device):
     assert not dst[0][[0, 4, 5]].any()
     primary.close()
     standby.close()
+
+
+def test_a_full_ring_holds_steps_back_in_order_instead_of_failing():
+    from vllm.v1.core.kv_mirror import MirroredBlock, MirrorStepOps
+    from vllm.v1.worker.kv_mirror_worker import MirrorPusher
+
+    src = [torch.randn(8, 64) for _ in range(2)]
+    dst = [torch.zeros(8, 64) for _ in range(2)]
+    ring = 2 * 2 * 64 * 4  # two blocks
+    standby = StagedStandbyEndpoint("s-bp", dst, 8, ring)
+    primary = StagedMirrorTransport("p-bp", src, 8, ring)
+    primary.connect(standby.descriptor())
+    standby.connect_primary(primary.local_metadata())
+    pusher = MirrorPusher(primary)
+    steps = {0: [1, 2], 1: [3], 2: [4, 5]}  # three steps, six blocks, a two-block ring
+    for seq, ids in steps.items():
+        pusher.push(MirrorStepOps(seq, [], [MirroredBlock(i, b"h", BLOCK_TOKENS)
+                                            for i in ids]))
+    assert pusher.in_flight_steps == 3
+    done: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(done) < 3:
+        assert time.monotonic() < deadline
+        out = pusher.poll()
+        assert out.failed == []
+        done += out.done
+        for seq, off, k in standby.poll_landed():
+            standby.scatter(seq, off, steps[seq])
+    assert done == [0, 1, 2]
+    for s, d in zip(src, dst):
+        assert torch.equal(d[1:6], s[1:6])
+    with pytest.raises(MirrorTransportError, match="exceeds the staging ring"):
+        primary.write([1, 2, 3], 9)
+    primary.close()
+    standby.close()
+
+
+BLOCK_TOKENS = 16

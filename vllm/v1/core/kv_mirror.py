@@ -99,16 +99,25 @@ class MirrorTracker:
 
     # -- per step --------------------------------------------------------------------
 
-    def take_step_ops(self) -> MirrorStepOps:
+    def take_step_ops(self, max_blocks: int | None = None) -> MirrorStepOps:
         """The ops for the step being scheduled; its blocks stay pinned until
-        :meth:`complete` is called with the returned ``seq``."""
-        ops = MirrorStepOps(self._next_seq, self._invalidate, list(self._pending.values()))
+        :meth:`complete` is called with the returned ``seq``.
+
+        With ``max_blocks`` the oldest pending blocks go now and the rest wait
+        (pinned) for later steps: a transport with a bounded staging area then never
+        sees a step larger than it can hold. Oldest first keeps a chain's parents
+        ahead of its children."""
+        if max_blocks is None or len(self._pending) <= max_blocks:
+            write, self._pending = list(self._pending.values()), {}
+        else:
+            ids = list(self._pending)[:max_blocks]
+            write = [self._pending.pop(block_id) for block_id in ids]
+        ops = MirrorStepOps(self._next_seq, self._invalidate, write)
         self._next_seq += 1
         self._invalidate = []
         if ops.write:
             blocks = self.block_pool.blocks
             self._in_flight[ops.seq] = [blocks[b.block_id] for b in ops.write]
-        self._pending = {}
         return ops
 
     def take_reset(self) -> bool:
@@ -116,16 +125,18 @@ class MirrorTracker:
         reset, self._reset = self._reset, False
         return reset
 
-    def complete(self, seq: int, ok: bool = True) -> None:
-        """The copy of step ``seq`` finished (or failed): unpin its blocks."""
+    def complete(self, seq: int, ok: bool = True) -> list[int]:
+        """The copy of step ``seq`` finished (or failed): unpin its blocks; returns
+        their ids (a failed step's blocks may be queued again with :meth:`resync`)."""
         blocks = self._in_flight.pop(seq, None)
         if blocks is None:
-            return
+            return []
         if ok:
             self.num_blocks_mirrored += len(blocks)
         else:
             self.num_blocks_failed += len(blocks)
         self.block_pool.free_blocks(blocks)
+        return [b.block_id for b in blocks]
 
     def fail_all(self) -> None:
         """The standby is gone: release every pin; nothing in flight will land."""

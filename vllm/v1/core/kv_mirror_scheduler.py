@@ -42,8 +42,12 @@ def decode_ops(data: bytes) -> tuple[str, Any]:
 class SchedulerMirror:
     """Owns the tracker while a standby is connected; counts what was mirrored."""
 
-    def __init__(self, block_pool: BlockPool) -> None:
+    def __init__(self, block_pool: BlockPool, staging_bytes: int | None = None) -> None:
         self.block_pool = block_pool
+        # The staged transport's ring: a step may carry at most half of it, so the
+        # next step's blocks can be staged while the previous ones are scattered.
+        self._staging_bytes = staging_bytes
+        self._max_blocks_per_step: int | None = None
         self.tracker: MirrorTracker | None = None
         self._socket = None
         self._ctx = None
@@ -67,7 +71,8 @@ class SchedulerMirror:
             return None
         if not block_pool.enable_caching:
             raise ValueError("--mirror-peer needs prefix caching enabled")
-        return cls(block_pool)
+        cfg = vllm_config.mirror_config
+        return cls(block_pool, cfg.staging_mib << 20 if cfg.transport == "staged" else None)
 
     # -- connection (EngineCore utility calls, on the busy-loop thread) --------------
 
@@ -84,6 +89,8 @@ class SchedulerMirror:
         sock.connect(ops_address)
         self._socket = sock
         self._bytes_per_block = bytes_per_block
+        if self._staging_bytes is not None and bytes_per_block > 0:
+            self._max_blocks_per_step = max(1, self._staging_bytes // bytes_per_block // 2)
         self.tracker = MirrorTracker(self.block_pool, first_seq=self._next_seq)
         # The standby starts empty: forget everything, then copy the prefix cache.
         self._send(("reset", None))
@@ -132,7 +139,7 @@ class SchedulerMirror:
             tracker.resync(chunk)
         if tracker.take_reset():
             self._send(("reset", None))
-        ops = tracker.take_step_ops()
+        ops = tracker.take_step_ops(self._max_blocks_per_step)
         if not ops.write and not ops.invalidate:
             return None
         self._send(("ops", ops))
@@ -159,7 +166,10 @@ class SchedulerMirror:
         for seq in completions.failed:
             issued = self._issued.pop(seq, None)
             if issued is not None:
-                self.tracker.complete(seq, ok=False)
+                # The standby drops the step (its blocks were reserved, never
+                # published); those still cached here are copied again.
+                self._send(("failed", seq))
+                self._backlog.extend(self.tracker.complete(seq, ok=False))
                 self.blocks_failed += issued[2]
 
     def has_pending_work(self) -> bool:

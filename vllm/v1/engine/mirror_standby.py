@@ -58,6 +58,10 @@ class StandbyEngine:
         elif kind == "ops":
             self.ingest.receive_ops(payload)
             self.steps_applied += 1
+        elif kind == "failed":
+            # The primary could not push this step; its bytes will not come.
+            self._landed_ranks.pop(payload, None)
+            self.ingest.on_landed(payload, landed=False)
 
     def poll_workers(self) -> None:
         from vllm.v1.worker.kv_mirror_worker import rpc_standby_poll

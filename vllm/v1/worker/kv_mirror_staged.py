@@ -30,6 +30,7 @@ from vllm.v1.worker.kv_mirror_transport import (
     DEFAULT_BACKEND,
     DescriptorDict,
     KVRegion,
+    MirrorBackpressure,
     MirrorTransportError,
     _agent,
     _mem_type,
@@ -231,11 +232,15 @@ class StagedMirrorTransport(_StagedSide):
         if self._remote is None:
             raise MirrorTransportError("no standby connected")
         k = len(block_ids)
+        if k * self.row_bytes > self.ring.capacity:
+            raise MirrorTransportError(
+                f"step of {k} blocks ({k * self.row_bytes} bytes) exceeds the staging "
+                f"ring ({self.ring.capacity} bytes): raise --mirror-staging-mib")
         off = self.ring.alloc(seq, k * self.row_bytes)
         if off is None:
-            raise MirrorTransportError(
-                f"staging ring full ({self.ring.used} of {self.ring.capacity} bytes "
-                "awaiting the standby): the standby is falling behind")
+            raise MirrorBackpressure(
+                f"staging ring in use ({self.ring.used} of {self.ring.capacity} bytes "
+                "awaiting the standby)")
         pending = _StagedWrite(seq, off, k)
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -40,6 +40,11 @@ class MirrorTransportError(RuntimeError):
     """The standby cannot receive this primary's blocks (layout, backend, link)."""
 
 
+class MirrorBackpressure(MirrorTransportError):
+    """No room for this write now (staging ring in use); it fits once earlier
+    writes are acknowledged, so the caller retries it later, in order."""
+
+
 @dataclass(frozen=True)
 class KVRegion:
     """One KV cache tensor as contiguous block-major bytes."""

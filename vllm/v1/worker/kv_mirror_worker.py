@@ -28,6 +28,7 @@ from vllm.v1.worker.kv_mirror_staged import (
     StagedStandbyEndpoint,
 )
 from vllm.v1.worker.kv_mirror_transport import (
+    MirrorBackpressure,
     MirrorTransport,
     MirrorTransportError,
     StandbyDescriptor,
@@ -91,11 +92,15 @@ class MirrorPusher:
     def _start_ready(self) -> None:
         # Steps complete in order on one stream: stop at the first not-ready one.
         while self._waiting and (self._waiting[0][1] is None or self._waiting[0][1].query()):
-            ops, _ = self._waiting.popleft()
+            ops, ready = self._waiting.popleft()
             ids = [b.block_id for b in ops.write]
             try:
                 self._in_flight[ops.seq] = self.transport.write(ids, ops.seq)
                 self.bytes_pushed += len(ids) * self.transport.bytes_per_block
+            except MirrorBackpressure:
+                # Retried on a later poll, still in order; the primary does not wait.
+                self._waiting.appendleft((ops, ready))
+                break
             except Exception as e:  # never the primary's problem: the step is failed
                 logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
                 self._completions.failed.append(ops.seq)
