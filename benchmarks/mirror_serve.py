@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--peer", default="cpu")
     ap.add_argument("--serve-args", default="", help="extra `vllm serve` args for both runs")
+    ap.add_argument("--transports", nargs="+", default=["staged"],
+                    choices=["staged", "direct"], help="one mirrored run per transport")
     ap.add_argument("--mirror-args", default="",
                     help="extra args for the mirrored run (e.g. --mirror-transport direct)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
@@ -220,29 +222,45 @@ def main() -> None:
     mirror = ["--mirror-peer", a.peer, *shlex.split(a.mirror_args)]
     if a.peer.startswith("cuda:"):
         mirror.append("--mirror-allow-same-device")
+    runs = [("off", base)]
+    for t in a.transports:
+        runs.append((f"on-{t}", base + mirror + ["--mirror-transport", t]))
     results = {}
-    for label, args in (("off", base), ("on", base + mirror)):
+    for label, args in runs:
         server = Server(a.model, args, os.path.join(a.log_dir, f"serve-mirror-{label}.log"),
                         env, a.timeout)
         try:
-            results[label] = run(server, a, mirrored=label == "on")
+            results[label] = run(server, a, mirrored=label != "off")
         finally:
             server.close()
+        print(f"{label}: {json.dumps(results[label])}", flush=True)
+        if a.out:  # what finished survives a run cut short
+            with open(a.out + ".partial", "w") as f:
+                json.dump(results, f, indent=2)
 
-    off, on = results["off"], results["on"]
-    print(f"{'concurrency':>12} {'off tok/s':>10} {'on tok/s':>10} {'ratio':>7}")
-    ratios = {}
-    for conc in a.concurrency:
-        ratios[conc] = round(on["decode_tps"][conc] / off["decode_tps"][conc], 4)
-        print(f"{conc:>12} {off['decode_tps'][conc]:>10.1f} {on['decode_tps'][conc]:>10.1f} "
-              f"{ratios[conc]:>7.3f}")
-    ttft_ratio = statistics.median(on["ttft_s"]) / statistics.median(off["ttft_s"])
-    print(f"TTFT long prompt: off {statistics.median(off['ttft_s']) * 1e3:.1f} ms, "
-          f"on {statistics.median(on['ttft_s']) * 1e3:.1f} ms, ratio {ttft_ratio:.3f}")
-    print(f"mirror: {json.dumps(on['mirror'])}")
+    off = results["off"]
+    ratios: dict[str, dict] = {}
+    ttft_ratios: dict[str, float] = {}
+    for label, on in results.items():
+        if label == "off":
+            continue
+        print(f"--- {label} (vs off)")
+        print(f"{'concurrency':>12} {'off tok/s':>10} {'on tok/s':>10} {'ratio':>7}")
+        ratios[label] = {}
+        for conc in a.concurrency:
+            ratios[label][conc] = round(on["decode_tps"][conc] / off["decode_tps"][conc], 4)
+            print(f"{conc:>12} {off['decode_tps'][conc]:>10.1f} "
+                  f"{on['decode_tps'][conc]:>10.1f} {ratios[label][conc]:>7.3f}")
+        ttft_ratios[label] = round(statistics.median(on["ttft_s"])
+                                   / statistics.median(off["ttft_s"]), 4)
+        print(f"TTFT {on['long_prompt_tokens']}-token prompt: off "
+              f"{statistics.median(off['ttft_s']) * 1e3:.1f} ms, on "
+              f"{statistics.median(on['ttft_s']) * 1e3:.1f} ms, "
+              f"ratio {ttft_ratios[label]:.3f}")
+        print(f"mirror: {json.dumps(on['mirror'])}")
     report = {"benchmark": "mirror_serve", "date": datetime.datetime.now().isoformat(),
               "host": platform.node(), "command": " ".join(sys.argv), "peer": a.peer,
-              "results": results, "decode_ratio": ratios, "ttft_ratio": round(ttft_ratio, 4)}
+              "results": results, "decode_ratio": ratios, "ttft_ratio": ttft_ratios}
     try:
         import torch
         report["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()

@@ -63,6 +63,8 @@ def test_round_trip_in_one_process_with_ack_and_ring_reuse(device):
     ring = 2 * 3 * 64 * 4  # two blocks of all layers
     standby = StagedStandbyEndpoint(f"s-rt-{device}", dst, 8, ring)
     primary = StagedMirrorTransport(f"p-rt-{device}", src, 8, ring)
+    if device == "cuda":
+        torch.cuda.synchronize()  # the pusher's ready event, in a server
     primary.connect(standby.descriptor())
     standby.connect_primary(primary.local_metadata())
     for seq, ids in enumerate([[1, 6], [3], [7, 2]]):

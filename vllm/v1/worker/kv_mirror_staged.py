@@ -202,6 +202,13 @@ class StagedMirrorTransport(_StagedSide):
         self.ring = StagingRing(stage_bytes)
         self._stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
                         else None)
+        if self._stream is not None:
+            # Block ids reach the gather through pinned memory, one slot per ring row:
+            # a row's slot is reused only after its range is acknowledged, so the
+            # copy never blocks the caller (a pageable copy would wait for the stream).
+            rows = stage_bytes // self.row_bytes
+            self._idx_host = torch.empty(rows, dtype=torch.int64).pin_memory()
+            self._idx_dev = torch.empty(rows, dtype=torch.int64, device=self.device)
         self._remote: StagedStandbyDescriptor | None = None
         self._remote_name: str | None = None
 
@@ -225,10 +232,10 @@ class StagedMirrorTransport(_StagedSide):
     def write(self, block_ids: Sequence[int], seq: int) -> _StagedWrite:
         """Gather step ``seq``'s blocks into the ring and post their WRITE.
 
-        On CUDA the gather runs on a side stream ordered after the work already
-        queued on the current stream (the forward that wrote the blocks), and the
-        WRITE is posted by :meth:`poll` once the gather has finished: the caller's
-        thread never waits for the device."""
+        The blocks' bytes must be complete on the device (the pusher writes a step
+        only once its ready event has passed). On CUDA the gather runs on a side
+        stream and the WRITE is posted by :meth:`poll` once the gather has finished:
+        the caller's thread never waits for the device."""
         if self._remote is None:
             raise MirrorTransportError("no standby connected")
         k = len(block_ids)
@@ -243,9 +250,15 @@ class StagedMirrorTransport(_StagedSide):
                 "awaiting the standby)")
         pending = _StagedWrite(seq, off, k)
         if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            # No wait on the compute stream: the caller writes only steps whose
+            # forward has finished (their ready event), and their blocks stay pinned
+            # until acknowledged, so nothing queued since can touch them.
+            row = off // self.row_bytes
+            host = self._idx_host[row:row + k]
+            host.numpy()[:] = block_ids
             with torch.cuda.stream(self._stream):
-                pending.idx = torch.tensor(list(block_ids), device=self.device)
+                pending.idx = self._idx_dev[row:row + k]
+                pending.idx.copy_(host, non_blocking=True)
                 self._gather(pending)
                 pending.gathered = torch.cuda.Event()
                 pending.gathered.record(self._stream)
