@@ -57,14 +57,17 @@ def test_flags_reach_the_engine_args_and_build_the_config():
     from vllm.config.mirror import from_engine_args
 
     args = _parse(["--mirror-peer", "cuda:1", "--mirror-transport", "direct",
-                   "--mirror-staging-mib", "64", "--mirror-allow-same-device"])
+                   "--mirror-staging-mib", "64", "--mirror-allow-same-device",
+                   "--mirror-required"])
     assert from_engine_args(args) == MirrorConfig(peer="cuda:1", transport="direct",
-                                                  staging_mib=64, allow_same_device=True)
+                                                  staging_mib=64, allow_same_device=True,
+                                                  required=True)
     assert from_engine_args(_parse([])) is None
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--mirror-transport", "direct"], "--mirror-transport needs --mirror-peer"),
+    (["--mirror-required"], "--mirror-required needs --mirror-peer"),
     (["--mirror-peer", "cpu", "--no-enable-prefix-caching"], "needs prefix caching"),
     (["--mirror-peer", "tcp://x:1"], "--mirror-peer 'tcp://x:1' is not a peer"),
 ])

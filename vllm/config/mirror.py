@@ -56,11 +56,18 @@ class MirrorConfig:
 
     staging_mib: int = 256
     """Size of the staging ring of the ``staged`` transport, on each side, in MiB.
-    It bounds the bytes of steps in flight to the standby; a step that does not
-    fit is not mirrored (its blocks are reported failed, the primary goes on)."""
+    It bounds the bytes in flight to the standby: a step carries at most half of
+    it (the rest of its blocks follow in the next steps) and a ring still in use
+    holds later steps back; the primary never waits."""
 
     allow_same_device: bool = False
     """Allow the standby on the primary's own device (testing with one GPU)."""
+
+    required: bool = False
+    """Refuse to serve unprotected: while no standby is connected (starting, down,
+    restarting) new generation requests get HTTP 503 and ``/health`` answers 503,
+    so a load balancer sends traffic to a protected replica. Without it the
+    primary serves regardless and ``/health`` only reports the mirror's state."""
 
     @model_validator(mode="after")
     def _validate(self) -> "MirrorConfig":
@@ -93,7 +100,8 @@ class MirrorConfig:
 # with dashes (upstream naming: one ``--mirror-*`` group, like ``--kv-*``).
 _ENGINE_ARGS = {"mirror_peer": "peer", "mirror_transport": "transport",
                 "mirror_staging_mib": "staging_mib",
-                "mirror_allow_same_device": "allow_same_device"}
+                "mirror_allow_same_device": "allow_same_device",
+                "mirror_required": "required"}
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

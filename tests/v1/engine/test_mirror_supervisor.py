@@ -115,6 +115,11 @@ def test_status_reports_both_engines(server):
         assert f.read().startswith(b"VLLM_STANDBY::EngineCore")
     with open(f"/proc/{st['primary']['pid']}/cmdline", "rb") as f:
         assert f.read().startswith(b"VLLM::EngineCore")
+    # /health carries the mirror's state; without --mirror-required it never fails on it.
+    health = server.get("/health")
+    assert health.status_code == 200
+    assert health.json()["mirror"] == {"state": st["state"], "protected": True,
+                                       "required": False, "last_error": None}
 
 
 def test_mixed_workload_is_mirrored_byte_identical(server):
@@ -193,20 +198,48 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_sigterm_to_the_api_server_stops_both_engines(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def required_server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("mirror-required") / "serve.log"
+    env = child_env(VLLM_SERVER_DEV_MODE="1")
+    with RemoteServer(str(tiny_model), ARGS + ["--mirror-required"], log, env=env) as s:
+        wait_mirror(s)
+        yield s
+
+
+def test_mirror_required_refuses_generation_while_unprotected(required_server):
+    server = required_server
+    health = server.get("/health")
+    assert health.status_code == 200 and health.json()["mirror"]["protected"] is True
+    assert complete(server, text(60, 20), 4)
+    before = server.get("/mirror").json()
+    os.kill(before["standby"]["pid"], signal.SIGKILL)
+    wait_mirror(server, "down", timeout=30, settled=False)
+    # Unprotected: a load balancer sees 503 and generation is refused, naming the flag;
+    # the rest of the API stays up.
+    health = server.get("/health")
+    assert health.status_code == 503, health.text
+    assert health.json()["status"] == "unprotected"
+    r = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and "--mirror-required" in r.json()["error"]["message"]
+    assert r.headers["Retry-After"] == "5"
+    assert server.get("/v1/models").status_code == 200
+    assert metric(server, "vllm:mirror_requests_refused_total") >= 1
+    wait_mirror(server)  # protected again once the replacement is connected
+    assert server.get("/health").status_code == 200
+    assert complete(server, text(61, 20), 4)
+
+
+def test_sigterm_to_the_api_server_stops_both_engines(required_server):
     """What Kubernetes does: SIGTERM to the API server only. Upstream's shutdown may run
     twice, beside the supervisor's own; the standby and the primary must both exit."""
-    env = child_env(VLLM_SERVER_DEV_MODE="1")
-    server = RemoteServer(str(tiny_model), ARGS, tmp_path / "serve.log", env=env)
-    try:
-        st = wait_mirror(server)
-        pids = {"api server": server.proc.pid, "primary": st["primary"]["pid"],
-                "standby": st["standby"]["pid"]}
-        os.kill(server.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(map(_running, pids.values())):
-            time.sleep(0.5)
-        left = {name: pid for name, pid in pids.items() if _running(pid)}
-        assert not left, f"still running 60 s after SIGTERM: {left}\n{server.tail()}"
-    finally:
-        server.close()
+    server = required_server
+    st = wait_mirror(server)
+    pids = {"api server": server.proc.pid, "primary": st["primary"]["pid"],
+            "standby": st["standby"]["pid"]}
+    os.kill(server.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(map(_running, pids.values())):
+        time.sleep(0.5)
+    left = {name: pid for name, pid in pids.items() if _running(pid)}
+    assert not left, f"still running 60 s after SIGTERM: {left}\n{server.tail()}"

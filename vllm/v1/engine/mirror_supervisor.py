@@ -95,6 +95,9 @@ class MirrorMetrics:
                              "up to the steps in flight (catch-up finished).")
         self.restarts = Counter("vllm:mirror_standby_restarts_total",
                                 "Standby engines started after the first.")
+        self.refused = Counter("vllm:mirror_requests_refused_total",
+                               "Requests refused with 503 while unprotected "
+                               "(--mirror-required).")
         self.transfer = Histogram(
             "vllm:mirror_transfer_seconds",
             "Time from a step's scheduling to its blocks confirmed on the standby.",
@@ -411,10 +414,19 @@ class MirrorSupervisor:
 
     # -- requests from the HTTP layer (event loop thread) -------------------------------
 
+    @property
+    def protected(self) -> bool:
+        """A standby is connected and mirroring (catching up counts: new blocks
+        already reach it)."""
+        return self.state.state in ("syncing", "in_sync")
+
     def status(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return asdict(self.state)
+        out = asdict(self.state)
+        out["protected"] = self.protected
+        out["required"] = self.config.required
+        return out
 
     async def verify(self) -> dict[str, Any]:
         """Every cached block of the primary: on the standby, same id, same bytes."""

@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """``/mirror``: the KV mirror's state as JSON (patch 0007 attaches the router).
 
-``GET /mirror`` answers 404 when the server runs without ``--mirror-peer``. The debug
+``GET /mirror`` answers 404 when the server runs without ``--mirror-peer``. With the
+mirror on, ``GET /health`` carries the mirror's state in its body, and with
+``--mirror-required`` it answers 503 and generation requests are refused with 503
+while no standby is connected. The debug
 routes (``POST /mirror/verify``, ``POST /mirror/lookup``) compare every cached block
 of the primary with the standby and query the standby's prefix cache; they read every
 block, so they exist only with ``VLLM_SERVER_DEV_MODE=1``, like upstream's dev routes.
@@ -10,6 +13,7 @@ block, so they exist only with ``VLLM_SERVER_DEV_MODE=1``, like upstream's dev r
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import vllm.envs as envs
 from fastapi import APIRouter, FastAPI, Request
@@ -74,7 +78,68 @@ async def mirror_lookup(body: LookupRequest, raw_request: Request) -> JSONRespon
         return JSONResponse(status_code=409, content={"error": str(e)})
 
 
+# Routes that start generation (or pooling) work: refused while unprotected when the
+# mirror is required. Admin, metrics, tokenizer and model-list routes stay open.
+GENERATION_PREFIXES = (
+    "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
+    "/v1/embeddings", "/v1/audio", "/v1/score", "/v1/rerank", "/v2/rerank", "/pooling",
+    "/classify", "/score", "/rerank", "/inference", "/generate",
+)
+
+
+def _unprotected_error(sup) -> JSONResponse:
+    return JSONResponse(status_code=503, headers={"Retry-After": "5"}, content={
+        "error": {"message": f"unprotected: the standby engine is {sup.state.state} and "
+                             "this server runs with --mirror-required",
+                  "type": "ServiceUnavailable", "code": 503}})
+
+
+def _health(sup) -> JSONResponse:
+    unprotected = sup.config.required and not sup.protected
+    return JSONResponse(status_code=503 if unprotected else 200, content={
+        "status": "unprotected" if unprotected else "ok",
+        "mirror": {"state": sup.state.state, "protected": sup.protected,
+                   "required": sup.config.required, "last_error": sup.state.last_error}})
+
+
+class MirrorPolicyMiddleware:
+    """Pure ASGI (no response wrapping, so streams pass untouched): a pass-through
+    unless the mirror is on; then ``/health`` reports it and, with
+    ``--mirror-required``, generation is refused while unprotected."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or "app" not in scope:
+            return await self.app(scope, receive, send)
+        client = getattr(scope["app"].state, "engine_client", None)
+        sup = getattr(client, "mirror", None)
+        if sup is None:
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if (method == "POST" and sup.config.required and not sup.protected
+                and path.startswith(GENERATION_PREFIXES)):
+            sup.metrics.refused.inc()
+            return await _unprotected_error(sup)(scope, receive, send)
+        if path == "/health" and method == "GET":
+            # Upstream's answer first: a dead engine stays upstream's 503.
+            sent: list[dict] = []
+
+            async def keep(message: dict) -> None:
+                sent.append(message)
+
+            await self.app(scope, receive, keep)
+            if sent and sent[0].get("status") == 200:
+                return await _health(sup)(scope, receive, send)
+            for message in sent:
+                await send(message)
+            return
+        return await self.app(scope, receive, send)
+
+
 def attach_router(app: FastAPI) -> None:
     app.include_router(router)
     if envs.VLLM_SERVER_DEV_MODE:
         app.include_router(debug_router)
+    app.add_middleware(MirrorPolicyMiddleware)
