@@ -190,6 +190,29 @@ def test_bad_peer_is_a_startup_error_naming_the_flag(tiny_model):
     assert "(EngineCore" not in out.stderr + out.stdout  # refused before any engine started
 
 
+def test_mirror_runs_beside_a_user_kv_connector(tiny_model, tmp_path):
+    """The user's own connector (upstream's ExampleConnector: KV saved to and loaded
+    from disk) keeps working on the primary, and blocks it loads are mirrored like
+    computed ones."""
+    store = tmp_path / "kv-store"
+    connector = json.dumps({"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                            "kv_connector_extra_config": {"shared_storage_path": str(store)}})
+    env = child_env(VLLM_SERVER_DEV_MODE="1")
+    with RemoteServer(str(tiny_model), ARGS + ["--kv-transfer-config", connector],
+                      tmp_path / "serve.log", env=env) as server:
+        wait_mirror(server)
+        prompt = text(70, 90)
+        first = complete(server, prompt, 8)
+        assert any(store.iterdir()), "the connector saved nothing"
+        # Empty both prefix caches: the next run's prefix comes from the connector.
+        assert server.post("/reset_prefix_cache", {}).status_code == 200
+        hits_before = metric(server, "vllm:external_prefix_cache_hits_total")
+        again = complete(server, prompt, 8)
+        assert again["tokens"] == first["tokens"]
+        assert metric(server, "vllm:external_prefix_cache_hits_total") > hits_before
+        assert_standby_holds_everything(server, [again["tokens"]])
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

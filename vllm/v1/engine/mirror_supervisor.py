@@ -336,6 +336,11 @@ class MirrorSupervisor:
 
         cfg = copy.deepcopy(self.vllm_config)
         cfg.mirror_config = None
+        # The standby serves nothing: the user's KV connector and KV event publisher
+        # stay with the primary (a second instance would bind the same side channel
+        # or endpoint and fight over the same peer identity).
+        cfg.kv_transfer_config = None
+        cfg.kv_events_config = None
         cfg.cache_config.enable_prefix_caching = True
         cfg.cache_config.num_gpu_blocks_override = self.vllm_config.cache_config.num_gpu_blocks
         self.state.state = "starting"
