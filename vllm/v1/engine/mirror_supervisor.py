@@ -271,6 +271,11 @@ class MirrorSupervisor:
             raise MirrorStartupError(
                 "--mirror-peer supports one engine of one worker for now "
                 "(tensor, pipeline and data parallel size 1)")
+        if parallel._api_process_count > 1:
+            # Each API server would start and supervise a standby of its own.
+            raise MirrorStartupError(
+                "--mirror-peer needs a single API server (drop --api-server-count "
+                f"{parallel._api_process_count})")
         try:
             import nixl._api  # noqa: F401
         except ImportError as e:
