@@ -27,7 +27,6 @@ async def main(model):
     print("client B up", round(time.time()-t0,1), flush=True)
     def req(rid):
         sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-        sp.update_from_generation_config({}, None) if hasattr(sp, "update_from_generation_config") else None
         return EngineCoreRequest(request_id=rid, prompt_token_ids=list(range(10, 40)), mm_features=None,
                                  sampling_params=sp, pooling_params=None, arrival_time=time.time(),
                                  lora_request=None, cache_salt=None, data_parallel_rank=None)
@@ -41,7 +40,8 @@ async def main(model):
                 toks += o.new_token_ids
                 if o.finish_reason is not None:
                     res[name] = toks
-            if name in res: break
+            if name in res:
+                break
         print(name, res[name], flush=True)
     print("SAME", res["A"] == res["B"])
     # Kill A's engine; B must keep working.
@@ -61,9 +61,11 @@ async def main(model):
         for o in outs.outputs:
             toks += o.new_token_ids
             done = done or o.finish_reason is not None
-        if done: break
+        if done:
+            break
     print("B after A died:", toks == res["B"])
-    a.shutdown(); b.shutdown()
+    a.shutdown()
+    b.shutdown()
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1]))
