@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--serve-args", default="", help="extra `vllm serve` args for both runs")
     ap.add_argument("--transports", nargs="+", default=["staged"],
                     choices=["staged", "direct"], help="one mirrored run per transport")
+    ap.add_argument("--baseline-again", action="store_true",
+                    help="serve without the mirror once more at the end: the ratio of the two "
+                         "baselines is the noise floor of the on/off ratios")
     ap.add_argument("--mirror-args", default="",
                     help="extra args for the mirrored run (e.g. --mirror-transport direct)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
@@ -225,12 +228,14 @@ def main() -> None:
     runs = [("off", base)]
     for t in a.transports:
         runs.append((f"on-{t}", base + mirror + ["--mirror-transport", t]))
+    if a.baseline_again:
+        runs.append(("off-again", base))  # server-to-server drift, the noise floor
     results = {}
     for label, args in runs:
         server = Server(a.model, args, os.path.join(a.log_dir, f"serve-mirror-{label}.log"),
                         env, a.timeout)
         try:
-            results[label] = run(server, a, mirrored=label != "off")
+            results[label] = run(server, a, mirrored=label.startswith("on"))
         finally:
             server.close()
         print(f"{label}: {json.dumps(results[label])}", flush=True)
@@ -241,8 +246,12 @@ def main() -> None:
     off = results["off"]
     ratios: dict[str, dict] = {}
     ttft_ratios: dict[str, float] = {}
+    if "off-again" in results:
+        drift = {c: round(results["off-again"]["decode_tps"][c] / off["decode_tps"][c], 4)
+                 for c in a.concurrency}
+        print(f"baseline drift (second off server / first): {drift}")
     for label, on in results.items():
-        if label == "off":
+        if label.startswith("off"):
             continue
         print(f"--- {label} (vs off)")
         print(f"{'concurrency':>12} {'off tok/s':>10} {'on tok/s':>10} {'ratio':>7}")
@@ -260,7 +269,8 @@ def main() -> None:
         print(f"mirror: {json.dumps(on['mirror'])}")
     report = {"benchmark": "mirror_serve", "date": datetime.datetime.now().isoformat(),
               "host": platform.node(), "command": " ".join(sys.argv), "peer": a.peer,
-              "results": results, "decode_ratio": ratios, "ttft_ratio": ttft_ratios}
+              "results": results, "decode_ratio": ratios, "ttft_ratio": ttft_ratios,
+              "baseline_drift": drift if "off-again" in results else None}
     try:
         import torch
         report["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()

@@ -51,7 +51,8 @@ if [ "$what" = bench-mirror ]; then
   util=$([ "$shape" = 8b ] && echo 0.4 || echo 0.3)
   python3 "$ROOT/benchmarks/mirror_serve.py" "$model" --peer cuda:0 --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 10240" \
-    --concurrency 1 32 128 --repeats ${REPEATS:-3} --transports ${TRANSPORTS:-staged} \
+    --concurrency 1 32 128 --repeats ${REPEATS:-5} --output-len ${OUTPUT_LEN:-256} \
+    --transports ${TRANSPORTS:-staged} ${BASELINE_AGAIN:+--baseline-again} \
     --out "$LOG/mirror_serve_$shape.json" \
     2>&1 | tee "$LOG/bench-mirror-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
