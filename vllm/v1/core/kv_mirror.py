@@ -120,6 +120,25 @@ class MirrorTracker:
             self._in_flight[ops.seq] = [blocks[b.block_id] for b in ops.write]
         return ops
 
+    def spill(self, n: int) -> list[int]:
+        """Give up the newest ``n`` blocks not yet handed out: unpin them and return
+        their ids (the caller queues them to be copied later, when they are still
+        cached). Bounds what a slow standby can keep pinned on the primary."""
+        ids = list(self._pending)[-n:] if n > 0 else []
+        for block_id in ids:
+            del self._pending[block_id]
+        if ids:
+            self.block_pool.free_blocks([self.block_pool.blocks[b] for b in ids])
+        return ids
+
+    @property
+    def pending_blocks(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight_blocks(self) -> int:
+        return sum(len(b) for b in self._in_flight.values())
+
     def take_reset(self) -> bool:
         """True once after the primary's prefix cache was reset."""
         reset, self._reset = self._reset, False

@@ -29,6 +29,7 @@ logger = init_logger(__name__)
 # Blocks of the prefix cache queued per step while a new standby catches up: bounds
 # both the extra pins (blocks out of the free queue) and one step's transfer.
 RESYNC_BLOCKS_PER_STEP = 64
+MIN_PIN_BUDGET = 256
 
 
 def encode_ops(msg: tuple[str, Any]) -> bytes:
@@ -42,8 +43,14 @@ def decode_ops(data: bytes) -> tuple[str, Any]:
 class SchedulerMirror:
     """Owns the tracker while a standby is connected; counts what was mirrored."""
 
-    def __init__(self, block_pool: BlockPool, staging_bytes: int | None = None) -> None:
+    def __init__(self, block_pool: BlockPool, staging_bytes: int | None = None,
+                 pin_budget: int | None = None) -> None:
         self.block_pool = block_pool
+        # Blocks the mirror may keep pinned (handed out or waiting): beyond it a slow
+        # standby would take KV space from the primary's requests, so the newest
+        # waiting blocks are deferred, unpinned, to the catch-up backlog instead.
+        self.pin_budget = pin_budget or max(MIN_PIN_BUDGET, block_pool.num_gpu_blocks // 8)
+        self._behind = False
         # The staged transport's ring: a step may carry at most half of it, so the
         # next step's blocks can be staged while the previous ones are scattered.
         self._staging_bytes = staging_bytes
@@ -133,13 +140,23 @@ class SchedulerMirror:
         tracker = self.tracker
         if tracker is None:
             return None
-        if self._backlog:
+        if self._backlog and tracker.lag_blocks < self.pin_budget:
             chunk = self._backlog[:RESYNC_BLOCKS_PER_STEP]
             del self._backlog[:RESYNC_BLOCKS_PER_STEP]
             tracker.resync(chunk)
         if tracker.take_reset():
             self._send(("reset", None))
-        ops = tracker.take_step_ops(self._max_blocks_per_step)
+        room = max(0, self.pin_budget - tracker.in_flight_blocks)
+        cap = room if self._max_blocks_per_step is None else min(room, self._max_blocks_per_step)
+        over = tracker.pending_blocks - room
+        if over > 0:
+            self._backlog.extend(tracker.spill(over))
+            if not self._behind:
+                logger.warning("mirror: the standby is falling behind (%d blocks awaiting it); "
+                               "deferring %d block(s) to catch-up, the primary keeps serving",
+                               tracker.in_flight_blocks, over)
+        self._behind = over > 0
+        ops = tracker.take_step_ops(cap)
         if not ops.write and not ops.invalidate:
             return None
         self._send(("ops", ops))
