@@ -14,7 +14,7 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request
 
-from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
+from vllm.v1.core.kv_mirror import MirroredBlock, MirrorStepOps, MirrorTracker
 from vllm.v1.core.kv_mirror_ingest import StandbyIngest
 
 BLOCK = 4
@@ -345,3 +345,29 @@ def test_a_failed_step_returns_its_blocks_for_another_copy(primary):
     assert [b.block_hash for b in again.write] == [b.block_hash for b in ops.write]
     tracker.complete(again.seq)
     manager.free(req)
+
+
+def test_an_invalidation_overtaking_an_unpublished_copy_keeps_its_hash_out(primary,
+                                                                          standby_pool):
+    """direct transport: the primary counts a WRITE done before the standby has read its
+    notification, so it may evict and reuse the block while the standby still holds the
+    earlier step pending. The old hash must never point at the new bytes."""
+    manager, tracker = primary
+    standby, ingest = standby_pool
+    _, a = prefilled_ops(manager, tracker, list(range(BLOCK)))
+    _, b = prefilled_ops(manager, tracker, list(range(500, 500 + BLOCK)))
+    target = a.write[0].block_id
+    old = MirrorStepOps(100, [], [a.write[0]])
+    new = MirrorStepOps(101, [target], [MirroredBlock(target, b.write[0].block_hash,
+                                                      b.write[0].num_tokens)])
+    ingest.receive_ops(old)
+    ingest.receive_ops(new)  # its invalidation arrives while `old` is still pending
+    ingest.on_landed(old.seq)
+    ingest.on_landed(new.seq)
+    pool = standby.block_pool
+    assert pool.blocks[target].block_hash == b.write[0].block_hash
+    assert standby.get_computed_blocks(make_request(list(range(BLOCK + 1))))[1] == 0
+    assert standby.get_computed_blocks(
+        make_request(list(range(500, 501 + BLOCK))))[1] == BLOCK
+    assert ingest.num_blocks_dropped == 1
+    _assert_standby_invariants(standby)

@@ -48,6 +48,8 @@ def test_the_budget_left_and_a_new_prompt_list():
         max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))},
      "structured output"),
     ({"resumable": True}, "streaming-input session"),
+    ({"sampling_params": SamplingParams(max_tokens=5, presence_penalty=0.5)}, "penalties"),
+    ({"sampling_params": SamplingParams(max_tokens=5, frequency_penalty=0.5)}, "penalties"),
     ({"sampling_params": SamplingParams(
         max_tokens=5, extra_args={"kv_transfer_params": {"remote": "x"}})},
      "KV transfer peer"),

@@ -243,6 +243,7 @@ def test_mirror_required_refuses_generation_while_unprotected(required_server):
     health = server.get("/health")
     assert health.status_code == 503, health.text
     assert health.json()["status"] == "unprotected"
+    assert server.get("/ping").status_code == 503  # SageMaker's probe, likewise
     r = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 503 and "--mirror-required" in r.json()["error"]["message"]
     assert r.headers["Retry-After"] == "5"

@@ -41,6 +41,7 @@ class StandbyIngest:
         self._pending: dict[int, tuple[MirrorStepOps, list[KVCacheBlock]]] = {}
         self._landed_early: set[int] = set()
         self._reserved_ids: dict[int, int] = {}  # block_id -> reservations held
+        self._superseded: dict[int, set[int]] = {}  # seq -> block ids not to publish
         self.num_blocks_published = 0
         self.num_blocks_dropped = 0
 
@@ -50,6 +51,13 @@ class StandbyIngest:
         for block_id in ops.invalidate:
             if pool.blocks[block_id].block_hash is not None:
                 pool.evict_blocks({block_id})
+            if block_id in self._reserved_ids:
+                # An earlier step's copy of this block has not been published yet
+                # (the primary may learn its WRITE finished before we do): its hash
+                # must never be published, the block's bytes will be the new ones.
+                for seq, (pending, _) in self._pending.items():
+                    if any(mb.block_id == block_id for mb in pending.write):
+                        self._superseded.setdefault(seq, set()).add(block_id)
 
     def _reserve(self, ops: MirrorStepOps) -> list[KVCacheBlock]:
         pool = self.block_pool
@@ -90,10 +98,14 @@ class StandbyIngest:
 
     def _finish(self, seq: int, landed: bool) -> None:
         ops, blocks = self._pending.pop(seq)
+        superseded = self._superseded.pop(seq, set())
         if landed:
             for mb, block in zip(ops.write, blocks):
+                if mb.block_id in superseded:
+                    self.num_blocks_dropped += 1
+                    continue
                 self.block_pool._insert_block_hash(mb.block_hash, block, mb.num_tokens)
-            self.num_blocks_published += len(blocks)
+                self.num_blocks_published += 1
         else:
             self.num_blocks_dropped += len(blocks)
         for block in blocks:

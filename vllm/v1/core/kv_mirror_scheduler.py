@@ -49,7 +49,8 @@ class SchedulerMirror:
         # Blocks the mirror may keep pinned (handed out or waiting): beyond it a slow
         # standby would take KV space from the primary's requests, so the newest
         # waiting blocks are deferred, unpinned, to the catch-up backlog instead.
-        self.pin_budget = pin_budget or max(MIN_PIN_BUDGET, block_pool.num_gpu_blocks // 8)
+        n = block_pool.num_gpu_blocks
+        self.pin_budget = pin_budget or max(min(MIN_PIN_BUDGET, n // 4), n // 8)
         self._behind = False
         # The staged transport's ring: a step may carry at most half of it, so the
         # next step's blocks can be staged while the previous ones are scattered.
@@ -141,8 +142,10 @@ class SchedulerMirror:
         if tracker is None:
             return None
         if self._backlog and tracker.lag_blocks < self.pin_budget:
-            chunk = self._backlog[:RESYNC_BLOCKS_PER_STEP]
-            del self._backlog[:RESYNC_BLOCKS_PER_STEP]
+            # No more than fits: what would be spilled again would just churn the LRU.
+            n = min(RESYNC_BLOCKS_PER_STEP, self.pin_budget - tracker.lag_blocks)
+            chunk = self._backlog[:n]
+            del self._backlog[:n]
             tracker.resync(chunk)
         if tracker.take_reset():
             self._send(("reset", None))

@@ -9,7 +9,9 @@ The API server's per-request state (detokenizer, logprobs, parent of ``n > 1``) 
 kept as is: the new engine emits only tokens sampled after the switch.
 
 What this file decides is which requests can continue exactly and how; promotion
-and the swap of engine clients are built on top of it.
+and the swap of engine clients are built on top of it. Seeded sampling continues the
+seed's sequence on the V2 model runner (noise keyed on the absolute position) but
+restarts it on the V1 runner (CPU); greedy is exact on both.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def refusal_reason(request: EngineCoreRequest) -> str | None:
         return "structured output would restart its grammar mid-document"
     if sp.extra_args and sp.extra_args.get("kv_transfer_params"):
         return "the request is bound to a KV transfer peer of the dead engine"
+    # State kept over the output tokens only: moved into the prompt, it would reset.
+    if sp.presence_penalty or sp.frequency_penalty:
+        return "presence/frequency penalties count output tokens only"
+    if sp.repetition_detection is not None:
+        return "repetition detection would lose the output before the switch"
+    if sp.thinking_token_budget is not None:
+        return "the thinking-token budget would restart"
+    if any(len(ids) > 1 for ids in getattr(sp, "_bad_words_token_ids", None) or []):
+        return "a multi-token bad word could span the switch"
     return None
 
 

@@ -156,6 +156,7 @@ class StandbyProcess:
         # upstream may call twice): once only, or zmq's context term() hangs.
         self._stop_lock = threading.Lock()
         self._stopping = False
+        self._stopped = threading.Event()
         self._closed = False
 
     def request(self, *msg: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
@@ -175,6 +176,10 @@ class StandbyProcess:
         self._sock.send(pickle.dumps(msg))
         deadline = time.monotonic() + timeout
         while not self._sock.poll(100):
+            if self._stopping and msg[0] != "stop":
+                # Shutdown must not wait out a long request (a standby still loading).
+                self._reset_socket()
+                raise RuntimeError("standby engine stopping")
             if not self.proc.is_alive():
                 self._reset_socket()
                 raise RuntimeError(f"standby engine exited (code {self.proc.exitcode})")
@@ -203,8 +208,16 @@ class StandbyProcess:
         safe from several threads."""
         with self._stop_lock:
             if self._stopping:
+                # Someone else is stopping it: return once it is actually gone.
+                self._stopped.wait(timeout + 15)
                 return
             self._stopping = True
+        try:
+            self._stop(timeout)
+        finally:
+            self._stopped.set()
+
+    def _stop(self, timeout: float) -> None:
         if self.proc.is_alive():
             try:
                 self.request("stop", timeout=2.0)
@@ -354,6 +367,9 @@ class MirrorSupervisor:
             self.metrics.restarts.inc()
         staging = self.config.staging_mib << 20
         self.standby = StandbyProcess(cfg, self.config.transport, staging, self._cuda_visible)
+        if self._stop.is_set():  # shutdown began while we were spawning it
+            self.standby.stop()
+            raise RuntimeError("server shutting down")
         logger.info("mirror: starting the standby engine on %s (pid %d)", self.state.peer,
                     self.standby.pid)
         hello = self.standby.request("hello", timeout=STANDBY_START_TIMEOUT_S)
@@ -466,3 +482,5 @@ class MirrorSupervisor:
         if self.standby is not None:
             self.standby.stop()
         self._thread.join(timeout=15)
+        if self.standby is not None:  # one the thread started meanwhile
+            self.standby.stop()

@@ -13,7 +13,8 @@ same offset on both. Inside a range the layout is layer-major (``k`` blocks of l
 then of layer 1, ...), so every gather and scatter is one ``index_select`` /
 ``index_copy_`` of whole rows. A range is reused only after the standby has scattered it
 and said so (a NIXL notification back), so the primary never overwrites bytes the
-standby has not consumed; a full ring fails the step instead of waiting.
+standby has not consumed; a ring still in use holds later steps back (the pusher retries
+them in order).
 """
 
 from __future__ import annotations

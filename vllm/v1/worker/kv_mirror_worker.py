@@ -104,6 +104,8 @@ class MirrorPusher:
             except Exception as e:  # never the primary's problem: the step is failed
                 logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
                 self._completions.failed.append(ops.seq)
+                if self.transport.requires_ack:
+                    self.transport.abandon(ops.seq)  # whatever it had reserved
 
     def poll(self) -> MirrorCompletions:
         """Start what became ready, collect what finished; returns and clears them."""

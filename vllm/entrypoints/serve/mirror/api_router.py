@@ -83,8 +83,15 @@ async def mirror_lookup(body: LookupRequest, raw_request: Request) -> JSONRespon
 GENERATION_PREFIXES = (
     "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
     "/v1/embeddings", "/v1/audio", "/v1/score", "/v1/rerank", "/v2/rerank", "/pooling",
-    "/classify", "/score", "/rerank", "/inference", "/generate",
+    "/classify", "/score", "/rerank", "/inference", "/generate", "/invocations",
 )
+# Under those prefixes, but computing nothing on the engine.
+NON_GENERATION_SUFFIXES = ("/render", "/derender", "/count_tokens")
+HEALTH_PATHS = ("/health", "/ping")
+
+
+def _generation(path: str) -> bool:
+    return path.startswith(GENERATION_PREFIXES) and not path.endswith(NON_GENERATION_SUFFIXES)
 
 
 def _unprotected_error(sup) -> JSONResponse:
@@ -111,18 +118,26 @@ class MirrorPolicyMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or "app" not in scope:
+        if scope["type"] not in ("http", "websocket") or "app" not in scope:
             return await self.app(scope, receive, send)
         client = getattr(scope["app"].state, "engine_client", None)
         sup = getattr(client, "mirror", None)
         if sup is None:
             return await self.app(scope, receive, send)
-        path, method = scope["path"], scope["method"]
-        if (method == "POST" and sup.config.required and not sup.protected
-                and path.startswith(GENERATION_PREFIXES)):
+        path = scope["path"]
+        refuse = sup.config.required and not sup.protected
+        if scope["type"] == "websocket":  # realtime sessions generate too
+            if refuse and path.startswith("/v1/realtime"):
+                sup.metrics.refused.inc()
+                # Closing before accepting answers the upgrade with 403.
+                return await send({"type": "websocket.close", "code": 1013,
+                                   "reason": "unprotected (--mirror-required)"})
+            return await self.app(scope, receive, send)
+        method = scope["method"]
+        if method == "POST" and refuse and _generation(path):
             sup.metrics.refused.inc()
             return await _unprotected_error(sup)(scope, receive, send)
-        if path == "/health" and method == "GET":
+        if path in HEALTH_PATHS and method in ("GET", "POST"):
             # Upstream's answer first: a dead engine stays upstream's 503.
             sent: list[dict] = []
 
