@@ -254,6 +254,23 @@ def test_mirror_required_refuses_generation_while_unprotected(required_server):
     assert complete(server, text(61, 20), 4)
 
 
+def test_a_stuck_standby_is_replaced_while_the_primary_serves(required_server):
+    """Alive but not answering (SIGSTOP): lost within the status timeout, then replaced."""
+    server = required_server
+    before = wait_mirror(server)
+    stuck = before["standby"]["pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        down = wait_mirror(server, "down", timeout=40, settled=False)
+        assert "did not answer" in down["last_error"], down
+        after = wait_mirror(server, timeout=300)
+    finally:
+        if _running(stuck):
+            os.kill(stuck, signal.SIGKILL)
+    assert after["standby"]["pid"] != stuck and not _running(stuck)
+    assert complete(server, text(62, 20), 4)
+
+
 def test_sigterm_to_the_api_server_stops_both_engines(required_server):
     """What Kubernetes does: SIGTERM to the API server only. Upstream's shutdown may run
     twice, beside the supervisor's own; the standby and the primary must both exit."""

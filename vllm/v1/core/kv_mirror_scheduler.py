@@ -211,6 +211,8 @@ class SchedulerMirror:
             "lag_blocks": (self.tracker.lag_blocks if self.tracker else 0),
             "backlog_blocks": len(self._backlog),
             "in_flight_steps": len(self._issued),
+            "oldest_unconfirmed_s": (time.monotonic() - min(t for _, t, _ in self._issued.values())
+                                     if self._issued else 0.0),
             "transfer_seconds": self._transfer_seconds,
             "lag_steps": self._lag_steps,
         }

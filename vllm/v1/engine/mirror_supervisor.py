@@ -15,6 +15,7 @@ import asyncio
 import os
 import pickle
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ logger = init_logger(__name__)
 STANDBY_START_TIMEOUT_S = 900.0  # model load + compile + graphs, on a busy host
 CALL_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.5
+# A standby that does not answer its status, or leaves a step unconfirmed this long, is
+# treated as lost (restarted): alive but stuck would otherwise keep blocks pinned.
+STANDBY_STATUS_TIMEOUT_S = 10.0
+STANDBY_STALL_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
 
 
@@ -221,10 +226,14 @@ class StandbyProcess:
         if self.proc.is_alive():
             try:
                 self.request("stop", timeout=2.0)
+                self.proc.join(timeout)
             except Exception:
-                pass
-            self.proc.join(timeout)
+                pass  # not answering (stuck, stopped): no point waiting for it
         if self.proc.is_alive():
+            try:  # a stopped (SIGSTOP) process acts on SIGTERM only once continued
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except OSError:
+                pass
             self.proc.terminate()
             self.proc.join(5)
         if self.proc.is_alive():
@@ -393,16 +402,19 @@ class MirrorSupervisor:
         while not self._stop.wait(WATCH_INTERVAL_S):
             if not self.standby.alive():
                 raise RuntimeError(f"standby engine exited (code {self.standby.proc.exitcode})")
-            self.poll()
+            p = self.poll()
+            if p["oldest_unconfirmed_s"] > STANDBY_STALL_TIMEOUT_S:
+                raise RuntimeError(
+                    f"standby stalled: a step unconfirmed for {p['oldest_unconfirmed_s']:.0f} s")
 
-    def poll(self) -> None:
-        """Refresh state and metrics from both engines."""
+    def poll(self) -> dict[str, Any]:
+        """Refresh state and metrics from both engines; returns the primary's status."""
         with self._poll_lock:
-            self._poll()
+            return self._poll()
 
-    def _poll(self) -> None:
+    def _poll(self) -> dict[str, Any]:
         p = self._call_primary("mirror_status")
-        s = self.standby.request("status")
+        s = self.standby.request("status", timeout=STANDBY_STATUS_TIMEOUT_S)
         st = self.state
         st.primary["pid"] = p["pid"]
         st.standby.update(lag_steps=s["lag_steps"], cached_blocks=s["cached_blocks"],
@@ -425,6 +437,7 @@ class MirrorSupervisor:
             st.state = "syncing" if p["backlog_blocks"] else "in_sync"
         self.metrics.in_sync.set(1 if st.state == "in_sync" else 0)
         st.updated_at = time.time()
+        return p
 
     def _down(self) -> None:
         self.state.state = "down"
@@ -474,8 +487,17 @@ class MirrorSupervisor:
                 "standby": await asyncio.to_thread(standby.request, "lookup", prompts)}
 
     async def refresh(self) -> dict[str, Any]:
-        await asyncio.to_thread(self.poll)
+        await asyncio.to_thread(self._try_poll)
         return self.status()
+
+    def _try_poll(self) -> None:
+        # A poll already running (the watch loop, another request) is as fresh as this
+        # one would be; waiting behind a stuck standby would only pile up threads.
+        if self._poll_lock.acquire(blocking=False):
+            try:
+                self._poll()
+            finally:
+                self._poll_lock.release()
 
     def shutdown(self) -> None:
         self._stop.set()
