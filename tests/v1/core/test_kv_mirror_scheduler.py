@@ -73,3 +73,20 @@ def test_a_failed_step_is_dropped_on_the_standby_and_copied_again(mirrored):
     mirror.update_from_output(Completions(done=[again.seq]))
     manager.free(req)
     assert _free(manager) == NUM_BLOCKS - 1
+
+
+def test_steps_failing_again_and_again_drop_the_standby(mirrored):
+    from vllm.v1.core.kv_mirror_scheduler import MAX_FAILURES_IN_A_ROW
+
+    manager, mirror, _ = mirrored
+    req = make_request(list(range(2 * BLOCK)))
+    prefill(manager, req)
+    for _ in range(MAX_FAILURES_IN_A_ROW):
+        assert mirror.connected
+        ops = mirror.take_step_ops()  # the failed blocks come back each time
+        assert len(ops.write) == 2
+        mirror.update_from_output(Completions(failed=[ops.seq]))
+    status = mirror.status()
+    assert not status["connected"] and "failed in a row" in status["dropped"]
+    manager.free(req)
+    assert _free(manager) == NUM_BLOCKS - 1  # nothing left pinned

@@ -29,6 +29,7 @@ logger = init_logger(__name__)
 # Blocks of the prefix cache queued per step while a new standby catches up: bounds
 # both the extra pins (blocks out of the free queue) and one step's transfer.
 RESYNC_BLOCKS_PER_STEP = 64
+MAX_FAILURES_IN_A_ROW = 16
 MIN_PIN_BUDGET = 256
 
 
@@ -52,6 +53,8 @@ class SchedulerMirror:
         n = block_pool.num_gpu_blocks
         self.pin_budget = pin_budget or max(min(MIN_PIN_BUDGET, n // 4), n // 8)
         self._behind = False
+        self._failures_in_a_row = 0
+        self.dropped: str | None = None  # why this side gave up on the standby
         # The staged transport's ring: a step may carry at most half of it, so the
         # next step's blocks can be staged while the previous ones are scattered.
         self._staging_bytes = staging_bytes
@@ -90,6 +93,8 @@ class SchedulerMirror:
         import zmq
 
         self.disconnect()
+        self.dropped = None
+        self._failures_in_a_row = 0
         self._ctx = zmq.Context.instance()
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop ops: they pair with pushed bytes
@@ -178,6 +183,7 @@ class SchedulerMirror:
                 continue
             step, t0, n = issued
             self.tracker.complete(seq, ok=True)
+            self._failures_in_a_row = 0
             self.blocks_mirrored += n
             self.bytes_mirrored += n * self._bytes_per_block
             self.steps_mirrored += 1
@@ -191,6 +197,13 @@ class SchedulerMirror:
                 self._send(("failed", seq))
                 self._backlog.extend(self.tracker.complete(seq, ok=False))
                 self.blocks_failed += issued[2]
+                self._failures_in_a_row += 1
+        if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            # Re-queueing would fail forever: drop the standby; the supervisor sees it
+            # and starts a new one.
+            self.dropped = f"{self._failures_in_a_row} mirror steps failed in a row"
+            logger.warning("mirror: %s; dropping the standby connection", self.dropped)
+            self.disconnect()
 
     def has_pending_work(self) -> bool:
         """Keep the engine stepping until in-flight copies are confirmed (their
@@ -204,6 +217,7 @@ class SchedulerMirror:
         """Counters, lag and the samples since the last call (then cleared)."""
         out = {
             "connected": self.connected,
+            "dropped": self.dropped,
             "blocks_mirrored": self.blocks_mirrored,
             "bytes_mirrored": self.bytes_mirrored,
             "blocks_failed": self.blocks_failed,

@@ -403,6 +403,8 @@ class MirrorSupervisor:
             if not self.standby.alive():
                 raise RuntimeError(f"standby engine exited (code {self.standby.proc.exitcode})")
             p = self.poll()
+            if p["dropped"]:
+                raise RuntimeError(f"the primary dropped the standby: {p['dropped']}")
             if p["oldest_unconfirmed_s"] > STANDBY_STALL_TIMEOUT_S:
                 raise RuntimeError(
                     f"standby stalled: a step unconfirmed for {p['oldest_unconfirmed_s']:.0f} s")
