@@ -319,5 +319,9 @@ class StagedMirrorTransport(_StagedSide):
         self._remote = self._remote_name = None
 
     def close(self) -> None:
+        if self._stream is not None:
+            # Gathers still queued write into the ring: finish them before its memory
+            # is deregistered and can be handed to a new connection.
+            self._stream.synchronize()
         self.disconnect()
         super().close()
