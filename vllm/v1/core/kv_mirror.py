@@ -53,6 +53,12 @@ class MirrorStepOps:
     write: list[MirroredBlock] = field(default_factory=list)
 
 
+def cached_blocks(block_pool: BlockPool) -> list[KVCacheBlock]:
+    """Every block of the pool's prefix cache (what a new standby catches up on, what
+    verify compares)."""
+    return [b for b in block_pool.blocks if b.block_hash is not None and not b.is_null]
+
+
 class MirrorTracker:
     """Records, pins and hands out the primary's blocks to mirror, step by step."""
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker
+from vllm.v1.core.kv_mirror import MirrorStepOps, MirrorTracker, cached_blocks
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -107,8 +107,7 @@ class SchedulerMirror:
         self.tracker = MirrorTracker(self.block_pool, first_seq=self._next_seq)
         # The standby starts empty: forget everything, then copy the prefix cache.
         self._send(("reset", None))
-        self._backlog = [b.block_id for b in self.block_pool.blocks
-                         if b.block_hash is not None and not b.is_null]
+        self._backlog = [b.block_id for b in cached_blocks(self.block_pool)]
         logger.info("mirror: standby connected at %s; %d cached block(s) to catch up",
                     ops_address, len(self._backlog))
         return len(self._backlog)
@@ -235,5 +234,4 @@ class SchedulerMirror:
 
     def cached_blocks(self) -> list[tuple[int, bytes]]:
         """(block id, hash key) of every block in the primary's prefix cache."""
-        return [(b.block_id, b.block_hash) for b in self.block_pool.blocks
-                if b.block_hash is not None and not b.is_null]
+        return [(b.block_id, b.block_hash) for b in cached_blocks(self.block_pool)]

@@ -82,6 +82,8 @@ class StandbyEngine:
     # -- control requests from the API server -----------------------------------------
 
     def status(self) -> dict[str, Any]:
+        from vllm.v1.core.kv_mirror import cached_blocks
+
         pool = self.ingest.block_pool
         return {
             "pid": os.getpid(),
@@ -89,8 +91,7 @@ class StandbyEngine:
             "steps_applied": self.steps_applied,
             "blocks_published": self.ingest.num_blocks_published,
             "blocks_dropped": self.ingest.num_blocks_dropped,
-            "cached_blocks": sum(1 for b in pool.blocks
-                                 if b.block_hash is not None and not b.is_null),
+            "cached_blocks": len(cached_blocks(pool)),
         }
 
     def verify(self, primary: list[tuple[int, str, str]]) -> dict[str, Any]:

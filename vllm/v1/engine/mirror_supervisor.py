@@ -461,6 +461,11 @@ class MirrorSupervisor:
         already reach it)."""
         return self.state.state in ("syncing", "in_sync")
 
+    @property
+    def refusing(self) -> bool:
+        """``--mirror-required`` and unprotected: generation is refused, health fails."""
+        return self.config.required and not self.protected
+
     def status(self) -> dict[str, Any]:
         from dataclasses import asdict
 

@@ -104,8 +104,7 @@ class MirrorPusher:
             except Exception as e:  # never the primary's problem: the step is failed
                 logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
                 self._completions.failed.append(ops.seq)
-                if self.transport.requires_ack:
-                    self.transport.abandon(ops.seq)  # whatever it had reserved
+                self.transport.abandon(ops.seq)  # whatever it had reserved
 
     def poll(self) -> MirrorCompletions:
         """Start what became ready, collect what finished; returns and clears them."""
@@ -122,8 +121,7 @@ class MirrorPusher:
                 logger.warning("mirror: step %d failed: %s", seq, e)
                 self._completions.failed.append(seq)
                 del self._in_flight[seq]
-                if self.transport.requires_ack:
-                    self.transport.abandon(seq)
+                self.transport.abandon(seq)
         if self.transport.requires_ack:
             try:
                 acks = self.transport.poll_acks()

@@ -102,9 +102,8 @@ def _unprotected_error(sup) -> JSONResponse:
 
 
 def _health(sup) -> JSONResponse:
-    unprotected = sup.config.required and not sup.protected
-    return JSONResponse(status_code=503 if unprotected else 200, content={
-        "status": "unprotected" if unprotected else "ok",
+    return JSONResponse(status_code=503 if sup.refusing else 200, content={
+        "status": "unprotected" if sup.refusing else "ok",
         "mirror": {"state": sup.state.state, "protected": sup.protected,
                    "required": sup.config.required, "last_error": sup.state.last_error}})
 
@@ -125,16 +124,15 @@ class MirrorPolicyMiddleware:
         if sup is None:
             return await self.app(scope, receive, send)
         path = scope["path"]
-        refuse = sup.config.required and not sup.protected
         if scope["type"] == "websocket":  # realtime sessions generate too
-            if refuse and path.startswith("/v1/realtime"):
+            if sup.refusing and path.startswith("/v1/realtime"):
                 sup.metrics.refused.inc()
                 # Closing before accepting answers the upgrade with 403.
                 return await send({"type": "websocket.close", "code": 1013,
                                    "reason": "unprotected (--mirror-required)"})
             return await self.app(scope, receive, send)
         method = scope["method"]
-        if method == "POST" and refuse and _generation(path):
+        if method == "POST" and sup.refusing and _generation(path):
             sup.metrics.refused.inc()
             return await _unprotected_error(sup)(scope, receive, send)
         if path in HEALTH_PATHS and method in ("GET", "POST"):
