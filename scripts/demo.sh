@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a CPU-only machine: set up vLLM-HA (CPU build), make a tiny model offline,
 # run the preflight, serve it with a KV mirror to a standby engine (`--mirror-peer cpu`), stream a
-# request, check that every cached block is on the standby, kill the standby and watch it come back.
+# request, check that every cached block is on the standby, kill the standby and watch it come back,
+# then kill the primary mid-stream and watch the stream continue on the promoted standby.
 # Usage: scripts/demo.sh      env: VENV (default .venv), PORT (default 8000), WORK (default .work)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -80,4 +81,36 @@ curl -sf "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/j
   && echo "   a request served while unprotected"
 mirror in_sync
 printf '   POST /mirror/verify: %s\n' "$(curl -s -X POST "http://127.0.0.1:$PORT/mirror/verify")"
-printf '\n== done: the server stops now (failover of in-flight requests to the standby comes next)\n'
+printf '\n== kill -9 the PRIMARY engine mid-stream: the stream goes on from the standby\n'
+"$VENV/bin/python" - "$PORT" <<'PY'
+import json, os, signal, sys, threading, time, requests
+base = f"http://127.0.0.1:{sys.argv[1]}"
+pid = requests.get(base + "/mirror", timeout=30).json()["primary"]["pid"]
+body = {"model": "tiny", "prompt": "the standby keeps the stream going", "max_tokens": 200,
+        "temperature": 0, "ignore_eos": True, "stream": True}
+tokens, killed_at = [], []
+def kill():
+    while len(tokens) < 40:
+        time.sleep(0.01)
+    killed_at.append(len(tokens))
+    os.kill(pid, signal.SIGKILL)
+    print(f"\n   [kill -9 {pid} after {len(tokens)} tokens]", flush=True)
+threading.Thread(target=kill, daemon=True).start()
+with requests.post(base + "/v1/completions", json=body, stream=True, timeout=300) as r:
+    r.raise_for_status()
+    for line in r.iter_lines(chunk_size=1, decode_unicode=True):
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            if "error" in event:
+                sys.exit(f"   stream failed: {event['error']}")
+            piece = event["choices"][0]["text"]
+            tokens.append(piece)
+            print(piece, end="", flush=True)
+print(f"\n   {len(tokens)} tokens, no error; the primary died after {killed_at[0]}")
+st = requests.get(base + "/mirror", timeout=30).json()
+print("   " + json.dumps({"failovers": st["failovers"], "last_failover": st["last_failover"],
+                         "primary": st["primary"]}))
+PY
+printf '\n== re-protection: a new standby catches up from the new primary\n'
+mirror in_sync
+printf '\n== done: the server stops now\n'

@@ -4,6 +4,8 @@
 #   bash tests/gpu/run_on_gpu_host.sh [apply|check|test|all]   (logs under $OUT or ./gpu-out)
 #   bash tests/gpu/run_on_gpu_host.sh mirror                   (the mirror e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b       (benchmarks/mirror_serve.py)
+#   MODES=mirrored bash tests/gpu/run_on_gpu_host.sh bench-failover   (benchmarks/failover_serve.py)
+#   bash tests/gpu/run_on_gpu_host.sh failover                 (the failover e2e test on CUDA)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 LOG=${OUT:-$ROOT/gpu-out}
@@ -28,6 +30,11 @@ fi
 if [ "$what" = test ] || [ "$what" = all ]; then
   python3 -m pytest -v -p no:cacheprovider tests/test_distribution.py tests/entrypoints tests/v1 \
     2>&1 | tee "$LOG/pytest.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = failover ]; then
+  python3 -m pytest -v -p no:cacheprovider tests/v1/engine/test_mirror_failover.py \
+    2>&1 | tee "$LOG/pytest-failover.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = mirror ]; then
@@ -55,6 +62,19 @@ if [ "$what" = bench-mirror ]; then
     --transports ${TRANSPORTS:-staged} ${BASELINE_AGAIN:+--baseline-again} \
     --out "$LOG/mirror_serve_$shape.json" \
     2>&1 | tee "$LOG/bench-mirror-$shape.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = bench-failover ]; then
+  # ~1B shape; MODES="mirrored" or "baseline" to split the run over calls, STREAMS="1 16 64".
+  model=/tmp/models/llama-1b
+  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" --hidden 2048 --layers 16 \
+    --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000 --max-pos 16384 --dtype bfloat16 \
+    --config-only > "$LOG/make-model-1b.json"
+  python3 "$ROOT/benchmarks/failover_serve.py" "$model" --peer cuda:0 --log-dir "$LOG" \
+    --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization 0.3 --max-model-len 4096" \
+    --mirror-args "--mirror-allow-same-device" --streams ${STREAMS:-64} \
+    --modes ${MODES:-mirrored baseline} --out "$LOG/failover_serve_1b_${MODES// /_}.json" \
+    2>&1 | tee "$LOG/bench-failover.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

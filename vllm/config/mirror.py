@@ -69,11 +69,20 @@ class MirrorConfig:
     so a load balancer sends traffic to a protected replica. Without it the
     primary serves regardless and ``/health`` only reports the mirror's state."""
 
+    step_timeout: float = 30.0
+    """Seconds the primary engine may go without answering the API server (a hung
+    step, a stuck GPU) before it is killed and its requests fail over to the
+    standby; 0 disables it. Acts only while a standby is connected: an
+    unprotected primary is never killed."""
+
     @model_validator(mode="after")
     def _validate(self) -> "MirrorConfig":
         MirrorPeer.parse(self.peer)
         if self.staging_mib < 1:
             raise ValueError(f"--mirror-staging-mib must be >= 1, got {self.staging_mib}")
+        if self.step_timeout < 0:
+            raise ValueError(f"--mirror-step-timeout must be >= 0 (0: off), got "
+                             f"{self.step_timeout}")
         return self
 
     @property
@@ -101,7 +110,7 @@ class MirrorConfig:
 _ENGINE_ARGS = {"mirror_peer": "peer", "mirror_transport": "transport",
                 "mirror_staging_mib": "staging_mib",
                 "mirror_allow_same_device": "allow_same_device",
-                "mirror_required": "required"}
+                "mirror_required": "required", "mirror_step_timeout": "step_timeout"}
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

@@ -303,6 +303,30 @@ def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
     assert standby.get_computed_blocks(make_request(list(range(100, 113))))[1] == 0
 
 
+def test_promotion_holds_back_unconfirmed_blocks_until_released(primary, standby_pool):
+    """A dead primary's worker may still be writing an unconfirmed step's blocks: at
+    promotion they are neither published nor handed out until freed later."""
+    manager, tracker = primary
+    standby, ingest = standby_pool
+    first, a = prefilled_ops(manager, tracker, list(range(8)))
+    second, b = prefilled_ops(manager, tracker, list(range(100, 112)))
+    ingest.receive_ops(a)
+    ingest.receive_ops(b)
+    ingest.on_landed(a.seq)
+    pool = standby.block_pool
+    free_before = pool.get_num_free_blocks()
+    held = ingest.quarantine()
+    assert sorted(blk.block_id for blk in held) == sorted(mb.block_id for mb in b.write)
+    assert ingest.lag_steps == 0
+    assert all(blk.ref_cnt == 1 and blk.block_hash is None for blk in held)
+    assert pool.get_num_free_blocks() == free_before  # not handed out
+    assert standby.get_computed_blocks(make_request(list(range(100, 113))))[1] == 0
+    assert standby.get_computed_blocks(make_request(list(range(9))))[1] == 8
+    pool.free_blocks(held)
+    assert pool.get_num_free_blocks() == free_before + len(held)
+    _assert_standby_invariants(standby)
+
+
 def test_block_resent_while_pending_holds_two_reservations(primary, standby_pool):
     manager, tracker = primary
     standby, ingest = standby_pool

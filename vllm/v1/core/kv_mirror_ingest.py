@@ -125,6 +125,20 @@ class StandbyIngest:
         self._landed_early.clear()
         return dropped
 
+    def quarantine(self) -> list[KVCacheBlock]:
+        """On promotion: drop every unconfirmed step like :meth:`drain`, but keep its
+        blocks reserved and return them (one entry per reservation): a late WRITE
+        of the dead primary may still reach them, so the caller frees them later."""
+        held: list[KVCacheBlock] = []
+        for seq in sorted(self._pending):
+            ops, blocks = self._pending.pop(seq)
+            self._superseded.pop(seq, None)
+            self.num_blocks_dropped += len(blocks)
+            held.extend(blocks)
+        self._reserved_ids.clear()
+        self._landed_early.clear()
+        return held
+
     def pending_block_ids(self, seq: int) -> list[int] | None:
         """Target block ids of an announced step not yet landed (None if unknown)."""
         entry = self._pending.get(seq)

@@ -19,13 +19,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from vllm.v1.engine import EngineCoreRequest
+
+
+class RequestLostInFailover(EngineDeadError):
+    """What a refused request's client gets: the engine that served it died and it
+    cannot continue exactly elsewhere. An ``EngineDeadError`` (upstream's generate()
+    passes those through with their message), but the server keeps serving."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return ("the engine serving this request died and the request cannot continue "
+                f"on the standby: {self.reason}")
 
 
 class ResumeRefused(Exception):
     """This request cannot continue on another engine; the message says why and
     goes to the client instead of a silent divergence."""
+
+    reason: str = ""
 
 
 def refusal_reason(request: EngineCoreRequest) -> str | None:
@@ -66,7 +83,9 @@ def resume_request(request: EngineCoreRequest, generated: Sequence[int], *,
     Raises :class:`ResumeRefused` for requests that cannot continue exactly."""
     reason = refusal_reason(request)
     if reason is not None:
-        raise ResumeRefused(f"request {request.request_id} cannot fail over: {reason}")
+        err = ResumeRefused(f"request {request.request_id} cannot fail over: {reason}")
+        err.reason = reason
+        raise err
     sp = request.sampling_params
     if sp is None:
         return request

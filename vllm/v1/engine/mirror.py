@@ -13,6 +13,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm.v1.engine.mirror_standby import EngineCoreStandbyMixin
 from vllm.v1.worker.kv_mirror_worker import (
     rpc_block_checksums,
     rpc_primary_connect,
@@ -37,8 +38,8 @@ def prefix_hits(engine: Any, prompts: list[list[int]]) -> list[int]:
     return hits
 
 
-class EngineCoreMirrorMixin:
-    """``mirror_*`` utilities of the primary engine."""
+class EngineCoreMirrorMixin(EngineCoreStandbyMixin):
+    """``mirror_*`` utilities of the primary engine (and, inherited, the standby's)."""
 
     def _scheduler_mirror(self):
         mirror = getattr(self.scheduler, "mirror", None)  # type: ignore[attr-defined]

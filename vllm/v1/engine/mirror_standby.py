@@ -1,20 +1,28 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The standby engine process of KV mirroring.
+"""The standby engine of KV mirroring, and its promotion to serve.
 
-A full :class:`EngineCore` (same model, same KV layout, the primary's block count,
-prefix caching on) that serves no traffic: its workers expose their KV cache (direct
-transport) or a staging ring (staged) to the primary's workers, and its loop applies
-the primary's per-step ops to its BlockPool through :class:`StandbyIngest`, publishing
-each block's hash only once its bytes are in place. The API server talks to it over a
-control socket (``hello``, ``connect_primary``, ``status``, ``verify``, ``lookup``,
-``stop``); the primary's scheduler pushes ops on a second socket.
+The standby is an unmodified ``EngineCoreProc`` (same model, same KV layout, the
+primary's block count, prefix caching on) started by the API server behind a second
+engine client. Until promoted it serves no traffic: its workers expose their KV cache
+(direct transport) or a staging ring (staged) to the primary's workers, and the
+primary's per-step ops reach its BlockPool through :class:`StandbyIngest`, which
+publishes a block's hash only once its bytes are in place.
+
+Everything that touches the BlockPool runs on the engine's busy-loop thread: the
+control plane is EngineCore utility methods (``mirror_standby_*``, called by the API
+server's supervisor), and :class:`StandbyOpsReader`, a thread reading the primary's
+ops socket, hands its work to the loop as WAKEUP callables (patch 0008).
+
+:meth:`EngineCoreStandbyMixin.mirror_promote` ends the standby role: the ops reader
+stops, what landed is published, the blocks of steps whose bytes never confirmed are
+held back for a while (a dead primary's worker may still be writing them), and the
+engine serves like any primary (and can mirror to a new standby of its own).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import signal
+import threading
 import time
 from typing import Any
 
@@ -26,26 +34,28 @@ logger = init_logger(__name__)
 # VLLM_STANDBY::EngineCore / VLLM_STANDBY::Worker... next to the primary's VLLM::...
 STANDBY_TITLE_PREFIX = "VLLM_STANDBY"
 
-_BUSY_POLL_MS = 1  # while steps are pending landing
-_IDLE_POLL_MS = 50
+_BUSY_POLL_S = 0.001  # while steps are pending landing
+_IDLE_POLL_S = 0.05
+# Blocks of steps that never confirmed stay out of use this long after promotion: the
+# dead primary's worker process (the mp executor's) may outlive its engine by a moment
+# and finish a WRITE into them.
+QUARANTINE_S = 5.0
 
 
-class StandbyEngine:
-    """Ingest loop of a standby EngineCore."""
+class StandbyState:
+    """The standby's ingest state: BlockPool side and its workers' endpoints."""
 
     def __init__(self, engine: Any, transport: str, staging_bytes: int) -> None:
         from vllm.v1.core.kv_mirror_ingest import StandbyIngest
         from vllm.v1.worker.kv_mirror_worker import rpc_standby_open
 
         self.engine = engine
-        self.manager = engine.scheduler.kv_cache_manager
-        self.ingest = StandbyIngest(self.manager.block_pool)
+        self.ingest = StandbyIngest(engine.scheduler.kv_cache_manager.block_pool)
         self.workers = engine.model_executor.collective_rpc(
             rpc_standby_open, args=(transport, staging_bytes))
         self._landed_ranks: dict[int, int] = {}  # seq -> ranks that reported it
         self.steps_applied = 0
-
-    # -- ops from the primary's scheduler ---------------------------------------------
+        self.active = True  # False once promoted: late callables do nothing
 
     def on_ops(self, kind: str, payload: Any) -> None:
         if kind == "reset":
@@ -79,30 +89,154 @@ class StandbyEngine:
                     self._landed_ranks.pop(seq, None)
                     self.ingest.on_landed(seq)
 
-    # -- control requests from the API server -----------------------------------------
+    def close_workers(self) -> None:
+        from vllm.v1.worker.kv_mirror_worker import rpc_standby_close
 
-    def status(self) -> dict[str, Any]:
+        self.engine.model_executor.collective_rpc(rpc_standby_close)
+
+
+class StandbyOpsReader(threading.Thread):
+    """Reads the primary's ops socket; the busy loop applies them.
+
+    ``submit`` queues a callable for the engine's busy-loop thread. While steps are
+    announced but not landed, a worker poll is queued every millisecond (one at a time:
+    a slow loop is not flooded)."""
+
+    def __init__(self, address: str, state: StandbyState, submit: Any) -> None:
+        super().__init__(name="MirrorStandbyOps", daemon=True)
+        import zmq
+
+        self.state = state
+        self.submit = submit
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.bind(address)
+        self._halt = threading.Event()
+        self._poll_queued = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            busy = self.state.ingest.lag_steps > 0
+            batch = []
+            if self._sock.poll(int((_BUSY_POLL_S if busy else _IDLE_POLL_S) * 1000)):
+                batch = self._read_available()
+            if batch:
+                self.submit(lambda b=batch: self._apply(b))
+            if (batch or busy) and not self._poll_queued.is_set():
+                self._poll_queued.set()
+                self.submit(self._poll)
+
+    def _read_available(self) -> list[tuple[str, Any]]:
+        import zmq
+
+        from vllm.v1.core.kv_mirror_scheduler import decode_ops
+
+        batch = []
+        while True:
+            try:
+                batch.append(decode_ops(self._sock.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return batch
+
+    def _apply(self, batch: list[tuple[str, Any]]) -> None:
+        for kind, payload in batch:
+            self.state.on_ops(kind, payload)
+
+    def _poll(self) -> None:
+        self._poll_queued.clear()
+        if self.state.ingest.lag_steps:
+            self.state.poll_workers()
+
+    def stop(self) -> list[tuple[str, Any]]:
+        """Stop reading; returns the ops still unread (on the busy-loop thread, the
+        caller applies them: they may invalidate blocks a late WRITE overwrites)."""
+        self._halt.set()
+        self.join(timeout=5)
+        try:
+            return self._read_available()
+        finally:
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+
+class EngineCoreStandbyMixin:
+    """``mirror_standby_*`` and ``mirror_promote`` utilities of a standby engine
+    (part of :class:`~vllm.v1.engine.mirror.EngineCoreMirrorMixin`)."""
+
+    _mirror_standby: StandbyState | None = None
+    _mirror_ops_reader: StandbyOpsReader | None = None
+
+    def _standby_state(self) -> StandbyState:
+        state = self._mirror_standby
+        if state is None or not state.active:
+            raise RuntimeError("this engine is not a mirror standby")
+        return state
+
+    def _run_on_loop(self, fn: Any) -> None:
+        """Queue ``fn`` for the busy-loop thread (from any thread of this process)."""
+        from vllm.v1.engine import EngineCoreRequestType
+
+        def guarded() -> None:
+            state = self._mirror_standby
+            if state is None or not state.active:
+                return  # promoted (or closed) meanwhile
+            try:
+                fn()
+            except Exception:  # never take the engine down over ingest
+                logger.exception("mirror standby: ingest failed")
+
+        self.input_queue.put_nowait(  # type: ignore[attr-defined]
+            (EngineCoreRequestType.WAKEUP, guarded))
+
+    def mirror_standby_open(self, transport: str, staging_bytes: int, ops_address: str
+                            ) -> dict[str, Any]:
+        """Become a standby: expose the workers' KV memory, listen for ops; returns
+        what the primary's workers need to reach ours."""
+        if self._mirror_standby is not None:
+            raise RuntimeError("the mirror standby is already open")
+        if not hasattr(self, "input_queue"):
+            raise RuntimeError("a mirror standby must run as an EngineCoreProc")
+        state = StandbyState(self, transport, staging_bytes)
+        self._mirror_standby = state
+        self._mirror_ops_reader = StandbyOpsReader(ops_address, state, self._run_on_loop)
+        self._mirror_ops_reader.start()
+        pool = state.ingest.block_pool
+        logger.info("mirror standby: ready (pid %d, %d blocks)", os.getpid(),
+                    pool.num_gpu_blocks)
+        return {"workers": state.workers, "pid": os.getpid(),
+                "num_blocks": pool.num_gpu_blocks}
+
+    def mirror_standby_connect(self, metadata: list[bytes]) -> None:
+        from vllm.v1.worker.kv_mirror_worker import rpc_standby_connect_primary
+
+        self._standby_state()
+        self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_standby_connect_primary, args=(metadata,))
+
+    def mirror_standby_status(self) -> dict[str, Any]:
         from vllm.v1.core.kv_mirror import cached_blocks
 
-        pool = self.ingest.block_pool
+        state = self._standby_state()
         return {
             "pid": os.getpid(),
-            "lag_steps": self.ingest.lag_steps,
-            "steps_applied": self.steps_applied,
-            "blocks_published": self.ingest.num_blocks_published,
-            "blocks_dropped": self.ingest.num_blocks_dropped,
-            "cached_blocks": len(cached_blocks(pool)),
+            "lag_steps": state.ingest.lag_steps,
+            "steps_applied": state.steps_applied,
+            "blocks_published": state.ingest.num_blocks_published,
+            "blocks_dropped": state.ingest.num_blocks_dropped,
+            "cached_blocks": len(cached_blocks(state.ingest.block_pool)),
         }
 
-    def verify(self, primary: list[tuple[int, str, str]]) -> dict[str, Any]:
+    def mirror_standby_verify(self, primary: list[tuple[int, str, str]]
+                              ) -> dict[str, Any]:
         """Compare the primary's cached blocks (id, hash hex, checksum) with ours:
         same hash published at the same block id, byte-identical."""
         from vllm.v1.worker.kv_mirror_worker import rpc_block_checksums
 
-        pool = self.ingest.block_pool
+        pool = self._standby_state().ingest.block_pool
         ids = [b for b, _, _ in primary]
-        sums = self.engine.model_executor.collective_rpc(rpc_block_checksums,
-                                                         args=(ids,))[0]
+        sums = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_block_checksums, args=(ids,))[0]
         missing, mismatched = [], []
         for (block_id, key_hex, checksum), mine in zip(primary, sums):
             key = bytes.fromhex(key_hex)
@@ -113,95 +247,50 @@ class StandbyEngine:
                 mismatched.append(block_id)
         return {"checked": len(primary), "missing": missing, "mismatched": mismatched}
 
-    def lookup(self, prompts: list[list[int]]) -> list[int]:
+    def mirror_standby_lookup(self, prompts: list[list[int]]) -> list[int]:
         from vllm.v1.engine.mirror import prefix_hits
 
-        return prefix_hits(self.engine, prompts)
+        self._standby_state()
+        return prefix_hits(self, prompts)
 
-    def handle(self, request: tuple) -> Any:
-        kind, *args = request
-        if kind == "hello":
-            return {"workers": self.workers, "pid": os.getpid(),
-                    "num_blocks": self.ingest.block_pool.num_gpu_blocks}
-        if kind == "connect_primary":
-            from vllm.v1.worker.kv_mirror_worker import rpc_standby_connect_primary
+    def mirror_promote(self, discard_kv: bool = False) -> dict[str, Any]:
+        """Stop being a standby and serve: publish what landed, hold back the blocks
+        of unconfirmed steps for :data:`QUARANTINE_S`, then free them.
+        ``discard_kv`` drops the mirrored prefix cache (a benchmark's baseline)."""
+        from vllm.v1.core.kv_mirror import cached_blocks
+        from vllm.v1.engine import EngineCoreRequestType
 
-            self.engine.model_executor.collective_rpc(rpc_standby_connect_primary,
-                                                      args=(args[0],))
-            return True
-        if kind == "status":
-            return self.status()
-        if kind == "verify":
-            return self.verify(args[0])
-        if kind == "lookup":
-            return self.lookup(args[0])
-        raise ValueError(f"unknown standby request {kind!r}")
-
-    # -- the loop ---------------------------------------------------------------------
-
-    def serve(self, control_address: str, ops_address: str, parent_pid: int) -> None:
-        import zmq
-
-        from vllm.v1.core.kv_mirror_scheduler import decode_ops
-
-        ctx = zmq.Context()
-        control = ctx.socket(zmq.REP)
-        control.bind(control_address)
-        ops = ctx.socket(zmq.PULL)
-        ops.setsockopt(zmq.RCVHWM, 0)
-        ops.bind(ops_address)
-        poller = zmq.Poller()
-        poller.register(control, zmq.POLLIN)
-        poller.register(ops, zmq.POLLIN)
-        logger.info("mirror standby: ready (pid %d, %d blocks)", os.getpid(),
-                    self.ingest.block_pool.num_gpu_blocks)
-        try:
-            while os.getppid() == parent_pid:
-                timeout = _BUSY_POLL_MS if self.ingest.lag_steps else _IDLE_POLL_MS
-                events = dict(poller.poll(timeout))
-                if ops in events:
-                    while True:
-                        try:
-                            self.on_ops(*decode_ops(ops.recv(zmq.NOBLOCK)))
-                        except zmq.Again:
-                            break
-                if self.ingest.lag_steps:
-                    self.poll_workers()
-                if control in events:
-                    request = pickle.loads(control.recv())
-                    if request[0] == "stop":
-                        control.send(pickle.dumps(True))
-                        return
-                    try:
-                        reply = ("ok", self.handle(request))
-                    except Exception as e:  # a bad request never kills the standby
-                        logger.exception("mirror standby: %s failed", request[0])
-                        reply = ("error", f"{type(e).__name__}: {e}")
-                    control.send(pickle.dumps(reply))
-            logger.warning("mirror standby: the API server is gone; exiting")
-        finally:
-            control.close(linger=0)
-            ops.close(linger=0)
-            ctx.term()
-
-
-def run_standby(vllm_config: Any, control_address: str, ops_address: str,
-                transport: str, staging_bytes: int, parent_pid: int) -> None:
-    """Entry point of the standby process (spawned by the API server)."""
-    from vllm.utils.system_utils import set_process_title
-    from vllm.v1.engine.core import EngineCore
-    from vllm.v1.executor import Executor
-
-    set_process_title("EngineCore")
-    # The API server stops us with SIGTERM; exit cleanly so workers are reaped.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
-    engine = None
-    try:
         t0 = time.monotonic()
-        engine = EngineCore(vllm_config, Executor.get_class(vllm_config), log_stats=False)
-        standby = StandbyEngine(engine, transport, staging_bytes)
-        logger.info("mirror standby: engine up in %.1f s", time.monotonic() - t0)
-        standby.serve(control_address, ops_address, parent_pid)
-    finally:
-        if engine is not None:
-            engine.shutdown()
+        state = self._standby_state()
+        reader = self._mirror_ops_reader
+        if reader is not None:
+            for kind, payload in reader.stop():
+                state.on_ops(kind, payload)
+            self._mirror_ops_reader = None
+        state.poll_workers()
+        held = state.ingest.quarantine()
+        state.active = False
+        published = state.ingest.num_blocks_published
+        if discard_kv:
+            state.ingest.block_pool.reset_prefix_cache()
+
+        def release() -> None:
+            try:
+                state.ingest.block_pool.free_blocks(held)
+                state.close_workers()
+                logger.info("mirror: released %d quarantined block(s)", len(held))
+            except Exception:  # runs on the busy loop: never take the engine down
+                logger.exception("mirror: releasing the old standby's resources failed")
+            self._mirror_standby = None
+
+        timer = threading.Timer(
+            QUARANTINE_S, lambda: self.input_queue.put_nowait(  # type: ignore[attr-defined]
+                (EngineCoreRequestType.WAKEUP, release)))
+        timer.daemon = True
+        timer.start()
+        logger.warning("mirror: standby promoted to primary in %.1f ms (%d block(s) "
+                       "published, %d held back from unconfirmed steps)",
+                       (time.monotonic() - t0) * 1e3, published, len(held))
+        return {"pid": os.getpid(), "blocks_published": published,
+                "blocks_held": len(held),
+                "cached_blocks": len(cached_blocks(state.ingest.block_pool))}

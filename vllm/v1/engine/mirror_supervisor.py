@@ -12,8 +12,8 @@ catches up from the primary's prefix cache.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
-import pickle
 import random
 import signal
 import threading
@@ -73,6 +73,10 @@ class MirrorState:
     bytes_mirrored: int = 0
     blocks_failed: int = 0
     standby_restarts: int = 0
+    failovers: int = 0
+    # Death detected -> requests resubmitted on the promoted standby, and what the
+    # resubmitted requests recomputed (tokens not served by the prefix cache).
+    last_failover: dict[str, Any] | None = None
     last_error: str | None = None
     updated_at: float = 0.0
 
@@ -100,6 +104,20 @@ class MirrorMetrics:
                              "up to the steps in flight (catch-up finished).")
         self.restarts = Counter("vllm:mirror_standby_restarts_total",
                                 "Standby engines started after the first.")
+        self.failovers = Counter("vllm:mirror_failovers_total",
+                                 "Primary engine deaths survived by promoting the standby.")
+        self.failover_seconds = Histogram(
+            "vllm:mirror_failover_seconds",
+            "From the primary's death seen by the API server to every in-flight request "
+            "resubmitted on the promoted standby.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.resumed = Counter("vllm:mirror_failover_resumed_requests_total",
+                               "In-flight requests continued on the promoted standby.")
+        self.recomputed = Histogram(
+            "vllm:mirror_failover_recomputed_tokens",
+            "Per resumed request: tokens the new engine computed again (not prefix-cache "
+            "hits from mirrored blocks).",
+            buckets=(0, 1, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384))
         self.refused = Counter("vllm:mirror_requests_refused_total",
                                "Requests refused with 503 while unprotected "
                                "(--mirror-required).")
@@ -121,128 +139,137 @@ class MirrorMetrics:
         return cls._instance
 
 
-class StandbyProcess:
-    """The spawned standby and its control socket."""
+class StandbyEngine:
+    """The standby: an upstream ``EngineCoreProc`` behind its own ``AsyncMPClient``
+    (so that, promoted, it serves with upstream's loop), driven through utility calls
+    from the supervisor thread (:meth:`request`) or the event loop (:meth:`call`)."""
 
-    def __init__(self, vllm_config: VllmConfig, transport: str, staging_bytes: int,
+    def __init__(self, vllm_config: VllmConfig, loop: asyncio.AbstractEventLoop,
                  cuda_visible: str | None) -> None:
-        import multiprocessing
+        self.vllm_config = vllm_config
+        self.loop = loop
+        self.cuda_visible = cuda_visible
+        self.client: Any = None
+        self.pid: int | None = None
+        # stop() runs from the supervisor thread and from AsyncLLM.shutdown (which
+        # upstream may call twice): once only.
+        self._stop_lock = threading.Lock()
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._children_before: set[int] = set()
 
-        import zmq
-        from vllm.utils.network_utils import get_open_zmq_ipc_path
+    def start(self) -> None:
+        """Start the engine and wait until it is up (model loaded, KV cache sized)."""
+        import psutil
+        from vllm.v1.engine.core_client import AsyncMPClient
+        from vllm.v1.executor import Executor
 
-        from vllm.v1.engine.mirror_standby import STANDBY_TITLE_PREFIX, run_standby
+        from vllm.v1.engine.mirror_standby import STANDBY_TITLE_PREFIX
 
-        self.control_address = get_open_zmq_ipc_path()
-        self.ops_address = get_open_zmq_ipc_path()
-        ctx = multiprocessing.get_context("spawn")
-        self.proc = ctx.Process(
-            target=run_standby, name="VLLM_STANDBY_EngineCore", daemon=False,
-            args=(vllm_config, self.control_address, self.ops_address, transport,
-                  staging_bytes, os.getpid()))
-        # The child inherits the environment at spawn: title prefix, device, hash seed.
-        env = {"VLLM_PROCESS_NAME_PREFIX": STANDBY_TITLE_PREFIX}
-        if cuda_visible is not None:
-            env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+        # The engine process inherits the environment when it starts: title prefix,
+        # device, and spawn (forking this threaded server is unsafe). The variables
+        # are swapped back once the client is up; nothing else in this process reads
+        # them meanwhile.
+        env = {"VLLM_PROCESS_NAME_PREFIX": STANDBY_TITLE_PREFIX,
+               "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+        if self.cuda_visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible
+        self._children_before = {p.pid for p in psutil.Process().children()}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            self.proc.start()
+            # Stats on: promoted, it feeds the server's /metrics like the primary did.
+            client = AsyncMPClient(vllm_config=self.vllm_config,
+                                   executor_class=Executor.get_class(self.vllm_config),
+                                   log_stats=True)
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        self._zmq_ctx = zmq.Context()
-        self._sock = None
-        self._lock = threading.Lock()  # the supervisor and HTTP handlers share the socket
-        # stop() runs from the supervisor thread and from AsyncLLM.shutdown (which
-        # upstream may call twice): once only, or zmq's context term() hangs.
-        self._stop_lock = threading.Lock()
-        self._stopping = False
-        self._stopped = threading.Event()
-        self._closed = False
-
-    def request(self, *msg: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
-        """One control request; raises if the standby errs, dies or times out."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("standby engine stopped")
-            return self._request(msg, timeout)
-
-    def _request(self, msg: tuple, timeout: float) -> Any:
-        import zmq
-
-        if self._sock is None:
-            self._sock = self._zmq_ctx.socket(zmq.REQ)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.control_address)
-        self._sock.send(pickle.dumps(msg))
-        deadline = time.monotonic() + timeout
-        while not self._sock.poll(100):
-            if self._stopping and msg[0] != "stop":
-                # Shutdown must not wait out a long request (a standby still loading).
-                self._reset_socket()
-                raise RuntimeError("standby engine stopping")
-            if not self.proc.is_alive():
-                self._reset_socket()
-                raise RuntimeError(f"standby engine exited (code {self.proc.exitcode})")
-            if time.monotonic() > deadline:
-                self._reset_socket()  # a REQ socket is stuck after a lost reply
-                raise TimeoutError(f"standby did not answer {msg[0]!r} in {timeout:.0f} s")
-        status, value = pickle.loads(self._sock.recv())
-        if status != "ok":
-            raise RuntimeError(f"standby {msg[0]!r}: {value}")
-        return value
-
-    def _reset_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid
+        with self._stop_lock:
+            if self._stopping:  # shutdown began while it was starting
+                client.shutdown(timeout=5)
+                raise RuntimeError("server shutting down")
+            self.client = client
+        procs = client.resources.engine_manager.processes
+        self.pid = procs[0].pid if procs else None
 
     def alive(self) -> bool:
-        return self.proc.is_alive()
+        return self.client is not None and not self.client.resources.engine_dead
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """A utility call from the event loop."""
+        if not self.alive():
+            raise RuntimeError("the standby engine is not running")
+        return await self.client.call_utility_async(method, *args)
+
+    def request(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        """A utility call from another thread; raises if the standby errs, dies or
+        does not answer in ``timeout`` s."""
+        if not self.alive():
+            raise RuntimeError("the standby engine is not running")
+        fut = asyncio.run_coroutine_threadsafe(self.call(method, *args), self.loop)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fut.result(0.1)
+            except concurrent.futures.TimeoutError:
+                pass
+            if self._stopping:
+                fut.cancel()
+                raise RuntimeError("standby engine stopping")
+            if not self.alive():
+                fut.cancel()  # a dead engine's pending calls are never answered
+                raise RuntimeError("standby engine exited")
+            if time.monotonic() > deadline:
+                fut.cancel()
+                raise TimeoutError(f"standby did not answer {method!r} in {timeout:.0f} s")
+
+    def detach(self) -> Any:
+        """Hand the engine over (promotion): this object no longer stops it."""
+        with self._stop_lock:
+            client, self.client = self.client, None
+            self._stopping = True
+        self._stopped.set()
+        return client
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the standby (politely, then SIGTERM, then SIGKILL); idempotent and
-        safe from several threads."""
+        """Stop the engine (SIGTERM, then SIGKILL); idempotent and safe from several
+        threads, also while it is still starting."""
         with self._stop_lock:
             if self._stopping:
                 # Someone else is stopping it: return once it is actually gone.
                 self._stopped.wait(timeout + 15)
                 return
             self._stopping = True
+            client = self.client
         try:
-            self._stop(timeout)
+            if client is None:
+                self._kill_starting()
+            else:
+                if self.pid is not None:
+                    try:  # a stopped (SIGSTOP) process acts on SIGTERM only once continued
+                        os.kill(self.pid, signal.SIGCONT)
+                    except OSError:
+                        pass
+                client.shutdown(timeout=timeout)
         finally:
             self._stopped.set()
 
-    def _stop(self, timeout: float) -> None:
-        if self.proc.is_alive():
-            try:
-                self.request("stop", timeout=2.0)
-                self.proc.join(timeout)
-            except Exception:
-                pass  # not answering (stuck, stopped): no point waiting for it
-        if self.proc.is_alive():
-            try:  # a stopped (SIGSTOP) process acts on SIGTERM only once continued
-                os.kill(self.proc.pid, signal.SIGCONT)
-            except OSError:
-                pass
-            self.proc.terminate()
-            self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        with self._lock:
-            self._closed = True
-            self._reset_socket()
-            self._zmq_ctx.term()
+    def _kill_starting(self) -> None:
+        """The client is still waiting for the engine: kill the process it started
+        (the client's constructor then fails)."""
+        import psutil
+
+        for child in psutil.Process().children():
+            if child.pid not in self._children_before:
+                for p in [*child.children(recursive=True), child]:
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
 
 
 class MirrorSupervisor:
@@ -261,7 +288,14 @@ class MirrorSupervisor:
                                  primary={"device": device})
         self._cuda_visible = (_standby_cuda_visible(peer.index)
                               if peer.kind == "cuda" else None)
-        self.standby: StandbyProcess | None = None
+        self._primary_cuda_visible = (_standby_cuda_visible(0)
+                                      if peer.kind == "cuda" else None)
+        self._failover_started = 0.0
+        self.standby: StandbyEngine | None = None
+        # Held while the standby is handed over to failover, so the supervising
+        # thread neither stops it nor starts another meanwhile.
+        self._standby_lock = threading.Lock()
+        self.failover: Any = None  # FailoverEngineCoreClient, set by maybe_start
         self._stop = threading.Event()
         self._last: dict[str, int] = {}
         self._poll_lock = threading.Lock()
@@ -311,19 +345,27 @@ class MirrorSupervisor:
                         os.environ["PYTHONHASHSEED"])
 
     @classmethod
-    def maybe_start(cls, vllm_config: VllmConfig, engine_core: Any
-                    ) -> MirrorSupervisor | None:
+    def maybe_start(cls, vllm_config: VllmConfig, engine_core: Any,
+                    output_processor: Any = None, renderer: Any = None
+                    ) -> tuple[Any, MirrorSupervisor | None]:
+        """(the engine client AsyncLLM should use, the supervisor): without a mirror,
+        the client unchanged and None; with one, the client wrapped for failover."""
         if getattr(vllm_config, "mirror_config", None) is None:
-            return None
+            return engine_core, None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise MirrorStartupError(
                 "--mirror-peer needs the API server (vllm serve): the standby is "
                 "driven from its event loop") from None
-        supervisor = cls(vllm_config, engine_core, loop)
+        from vllm.v1.engine.mirror_failover import FailoverEngineCoreClient
+
+        client = FailoverEngineCoreClient(engine_core, output_processor, renderer)
+        supervisor = cls(vllm_config, client, loop)
+        client.supervisor = supervisor
+        supervisor.failover = client
         supervisor._thread.start()
-        return supervisor
+        return client, supervisor
 
     # -- calls into the primary engine ---------------------------------------------------
 
@@ -361,8 +403,10 @@ class MirrorSupervisor:
     def _start_standby(self, restart: bool) -> None:
         import copy
 
+        from vllm.utils.network_utils import get_open_zmq_ipc_path
+
         cfg = copy.deepcopy(self.vllm_config)
-        cfg.mirror_config = None
+        # mirror_config stays: promoted, the standby mirrors to a standby of its own.
         # The standby serves nothing: the user's KV connector and KV event publisher
         # stay with the primary (a second instance would bind the same side channel
         # or endpoint and fight over the same peer identity).
@@ -375,23 +419,28 @@ class MirrorSupervisor:
             self.state.standby_restarts += 1
             self.metrics.restarts.inc()
         staging = self.config.staging_mib << 20
-        self.standby = StandbyProcess(cfg, self.config.transport, staging, self._cuda_visible)
-        if self._stop.is_set():  # shutdown began while we were spawning it
-            self.standby.stop()
-            raise RuntimeError("server shutting down")
-        logger.info("mirror: starting the standby engine on %s (pid %d)", self.state.peer,
-                    self.standby.pid)
-        hello = self.standby.request("hello", timeout=STANDBY_START_TIMEOUT_S)
+        standby = StandbyEngine(cfg, self.loop, self._cuda_visible)
+        with self._standby_lock:
+            if self._stop.is_set():
+                raise RuntimeError("server shutting down")
+            self.standby = standby
+        logger.info("mirror: starting the standby engine on %s", self.state.peer)
+        t0 = time.monotonic()
+        standby.start()
+        self._ops_address = get_open_zmq_ipc_path()
+        hello = standby.request("mirror_standby_open", self.config.transport, staging,
+                                self._ops_address)
+        logger.info("mirror: standby engine up in %.1f s (pid %d)",
+                    time.monotonic() - t0, hello["pid"])
         self.state.standby = {"pid": hello["pid"], "device": self.state.peer,
                               "num_blocks": hello["num_blocks"]}
         self._workers = hello["workers"]
 
     def _connect(self) -> None:
         metadata = self._call_primary("mirror_prepare", self._workers, self.config.transport)
-        self.standby.request("connect_primary", metadata)
+        self.standby.request("mirror_standby_connect", metadata)
         bytes_per_block = sum(r["block_bytes"] for r in self._workers[0]["regions"])
-        queued = self._call_primary("mirror_start", self.standby.ops_address,
-                                    bytes_per_block)
+        queued = self._call_primary("mirror_start", self._ops_address, bytes_per_block)
         self.state.state = "syncing" if queued else "in_sync"
         self.metrics.standby_up.set(1)
         logger.info("mirror: standby %d connected over %s (%s transport); %d cached "
@@ -400,8 +449,11 @@ class MirrorSupervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL_S):
-            if not self.standby.alive():
-                raise RuntimeError(f"standby engine exited (code {self.standby.proc.exitcode})")
+            standby = self.standby
+            if standby is None:
+                raise RuntimeError("the standby was promoted (failover)")
+            if not standby.alive():
+                raise RuntimeError("standby engine exited")
             p = self.poll()
             if p["dropped"]:
                 raise RuntimeError(f"the primary dropped the standby: {p['dropped']}")
@@ -409,14 +461,42 @@ class MirrorSupervisor:
                 raise RuntimeError(
                     f"standby stalled: a step unconfirmed for {p['oldest_unconfirmed_s']:.0f} s")
 
+    def _status_of_primary(self) -> dict[str, Any]:
+        """The primary's mirror status; a primary silent for ``--mirror-step-timeout``
+        while a standby could take over is killed (its requests fail over)."""
+        timeout = self.config.step_timeout
+        if not timeout or not self.can_fail_over():
+            return self._call_primary("mirror_status")
+        try:
+            return self._call_primary("mirror_status", timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            pid = self.state.primary.get("pid")
+            if pid is None or not self.can_fail_over():
+                raise
+            logger.error("mirror: the primary engine (pid %d) has not answered for %.0f s "
+                         "(--mirror-step-timeout); killing it to fail over", pid, timeout)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            # The death is seen within milliseconds; the standby must be handed over
+            # before this thread's error handling would stop it.
+            deadline = time.monotonic() + 10
+            while self.standby is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise RuntimeError("primary engine unresponsive; killed for failover") from None
+
     def poll(self) -> dict[str, Any]:
         """Refresh state and metrics from both engines; returns the primary's status."""
         with self._poll_lock:
             return self._poll()
 
     def _poll(self) -> dict[str, Any]:
-        p = self._call_primary("mirror_status")
-        s = self.standby.request("status", timeout=STANDBY_STATUS_TIMEOUT_S)
+        p = self._status_of_primary()
+        standby = self.standby
+        if standby is None:
+            raise RuntimeError("no standby engine")
+        s = standby.request("mirror_standby_status", timeout=STANDBY_STATUS_TIMEOUT_S)
         st = self.state
         st.primary["pid"] = p["pid"]
         st.standby.update(lag_steps=s["lag_steps"], cached_blocks=s["cached_blocks"],
@@ -450,8 +530,77 @@ class MirrorSupervisor:
                 self._call_primary("mirror_stop", timeout=10)
             except Exception as e:
                 logger.debug("mirror: primary mirror_stop failed: %s", e)
-        if self.standby is not None:
-            self.standby.stop()
+        with self._standby_lock:
+            standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.stop()
+
+    # -- failover (FailoverEngineCoreClient, event loop thread) --------------------------
+
+    def can_fail_over(self) -> bool:
+        standby = self.standby
+        return self.protected and standby is not None and standby.alive()
+
+    def claim_standby(self) -> Any | None:
+        """The primary died: hand over the standby's engine client if it holds the
+        primary's KV (connected and mirroring), else None."""
+        with self._standby_lock:
+            standby = self.standby
+            if not self.can_fail_over():
+                return None
+            self.standby = None
+            client = standby.detach()
+        self.state.state = "failing_over"
+        self.metrics.standby_up.set(0)
+        self.metrics.in_sync.set(0)
+        self._failover_started = time.time()
+        return client
+
+    def on_promoted(self, promoted: dict[str, Any], *, seconds: float, resumed: int,
+                    refused: int) -> None:
+        """The standby serves: it is the primary now; a new standby is started (on
+        the old primary's device) and catches up from its prefix cache."""
+        st = self.state
+        st.failovers += 1
+        st.state = "down"
+        st.last_failover = {
+            "at": self._failover_started, "seconds": round(seconds, 4),
+            "requests_resumed": resumed, "requests_refused": refused,
+            "blocks_published": promoted.get("blocks_published"),
+            "blocks_held_back": promoted.get("blocks_held"),
+            "recomputed_tokens": 0, "recomputed_tokens_max": 0, "resumed_tokens": 0,
+        }
+        old_primary = st.primary.get("device", "cpu")
+        st.primary = {"device": st.peer, "pid": promoted.get("pid")}
+        st.standby = {}
+        self._last = {}  # the new primary's counters start at zero
+        if self._cuda_visible is not None:
+            # The next standby goes where the old primary was (its memory is free now).
+            st.peer = old_primary
+            self._cuda_visible, self._primary_cuda_visible = (
+                self._primary_cuda_visible, self._cuda_visible)
+        self.metrics.failovers.inc()
+        self.metrics.failover_seconds.observe(seconds)
+        self.metrics.resumed.inc(resumed)
+
+    def on_resumed_request(self, recomputed: int, total: int) -> None:
+        self.metrics.recomputed.observe(recomputed)
+        last = self.state.last_failover
+        if last is not None:
+            last["recomputed_tokens"] += recomputed
+            last["resumed_tokens"] += total
+            last["recomputed_tokens_max"] = max(last["recomputed_tokens_max"], recomputed)
+
+    def on_primary_lost(self, reason: str | None = None) -> None:
+        """The primary died with nothing to fail over to: both engines are down."""
+        self.state.state = "down"
+        self.state.primary["state"] = "dead"
+        self.state.last_error = reason or "the primary engine died while unprotected"
+        self._stop.set()
+        with self._standby_lock:
+            standby, self.standby = self.standby, None
+        if standby is not None:
+            threading.Thread(target=standby.stop, daemon=True).start()
 
     # -- requests from the HTTP layer (event loop thread) -------------------------------
 
@@ -480,7 +629,7 @@ class MirrorSupervisor:
         standby = self.standby
         if standby is None or not standby.alive():
             raise RuntimeError("no standby engine is running")
-        result = await asyncio.to_thread(standby.request, "verify", blocks)
+        result = await standby.call("mirror_standby_verify", blocks)
         result["state"] = self.state.state
         return result
 
@@ -491,7 +640,7 @@ class MirrorSupervisor:
         if standby is None or not standby.alive():
             raise RuntimeError("no standby engine is running")
         return {"primary": primary,
-                "standby": await asyncio.to_thread(standby.request, "lookup", prompts)}
+                "standby": await standby.call("mirror_standby_lookup", prompts)}
 
     async def refresh(self) -> dict[str, Any]:
         await asyncio.to_thread(self._try_poll)
@@ -513,3 +662,4 @@ class MirrorSupervisor:
         self._thread.join(timeout=15)
         if self.standby is not None:  # one the thread started meanwhile
             self.standby.stop()
+

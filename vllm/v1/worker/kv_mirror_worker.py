@@ -334,3 +334,12 @@ def rpc_standby_connect_primary(worker: WorkerBase, metadata: list[bytes]) -> No
 def rpc_standby_poll(worker: WorkerBase, pending: dict[int, list[int]]) -> list[int]:
     worker = _unwrap(worker)
     return worker.kv_mirror_standby.poll(pending)
+
+
+def rpc_standby_close(worker: WorkerBase) -> None:
+    """Promoted: the KV cache (or staging ring) is no longer exposed to a primary."""
+    worker = _unwrap(worker)
+    mirror: StandbyWorkerMirror | None = getattr(worker, "kv_mirror_standby", None)
+    worker.kv_mirror_standby = None
+    if mirror is not None:
+        mirror.endpoint.close()

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Failover time and recomputation: the primary engine killed (SIGKILL) under N
+streaming requests, with the mirrored KV on the promoted standby and, as the
+baseline in the same run, the same standby without it (its prefix cache dropped at
+promotion: every resumed request is prefilled again).
+
+    python benchmarks/failover_serve.py MODEL --peer cuda:0 --serve-args "--load-format dummy ..."
+    python benchmarks/failover_serve.py MODEL --peer cpu --streams 1 4 8
+
+For each N: the time from the kill to each stream's next token (p50/p99 over the
+streams), the server's own failover time (death seen -> requests resubmitted), and
+the tokens the new engine recomputed (total and per request), mirrored vs baseline,
+and their ratio. Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import sys
+import threading
+import time
+
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mirror_serve import Server, prompt  # noqa: E402
+
+
+class Stream(threading.Thread):
+    def __init__(self, url: str, text: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.text, self.max_tokens = url, text, max_tokens
+        self.times: list[float] = []  # arrival of each chunk with tokens
+        self.tokens = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        body = {"model": "m", "prompt": self.text, "max_tokens": self.max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        try:
+            with requests.post(self.url + "/v1/completions", json=body, stream=True,
+                               timeout=900) as r:
+                r.raise_for_status()
+                for line in r.iter_lines(decode_unicode=True):
+                    if line.startswith("data: {"):
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            self.error = json.dumps(event["error"])
+                            return
+                        if event["choices"][0].get("text"):
+                            self.times.append(time.monotonic())
+                            self.tokens += 1
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def failover_once(server: Server, n: int, a: argparse.Namespace, seed: int) -> dict:
+    server.wait_mirror(a.timeout)
+    st = requests.get(server.url + "/mirror", timeout=30).json()
+    pid, failovers = st["primary"]["pid"], st["failovers"]
+    streams = [Stream(server.url, prompt(seed + i, a.prompt_words), a.output_len)
+               for i in range(n)]
+    for s in streams:
+        s.start()
+    deadline = time.monotonic() + a.timeout
+    while min(s.tokens for s in streams) < a.kill_after:
+        if time.monotonic() > deadline:
+            raise TimeoutError("streams did not reach --kill-after tokens")
+        time.sleep(0.002)
+    t_kill = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    for s in streams:
+        s.join(a.timeout)
+    errors = [s.error for s in streams if s.error]
+    gaps = [next(t for t in s.times if t > t_kill) - t_kill for s in streams
+            if any(t > t_kill for t in s.times)]
+    for _ in range(100):
+        st = requests.get(server.url + "/mirror", timeout=30).json()
+        if st["failovers"] > failovers:
+            break
+        time.sleep(0.1)
+    last = st["last_failover"] or {}
+    return {
+        "streams": n, "errors": errors[:3], "num_errors": len(errors),
+        "next_token_s_p50": round(pct(gaps, 0.5), 4) if gaps else None,
+        "next_token_s_p99": round(pct(gaps, 0.99), 4) if gaps else None,
+        "server_failover_s": last.get("seconds"),
+        "requests_resumed": last.get("requests_resumed"),
+        "recomputed_tokens": last.get("recomputed_tokens"),
+        "recomputed_tokens_max": last.get("recomputed_tokens_max"),
+        "resumed_tokens": last.get("resumed_tokens"),
+    }
+
+
+def run(label: str, a: argparse.Namespace, env: dict[str, str]) -> dict:
+    args = [*shlex.split(a.serve_args), "--mirror-peer", a.peer, *shlex.split(a.mirror_args)]
+    server = Server(a.model, args, os.path.join(a.log_dir, f"failover-{label}.log"), env,
+                    a.timeout)
+    try:
+        requests.post(server.url + "/v1/completions", json={
+            "model": "m", "prompt": prompt(0, 16), "max_tokens": 4}, timeout=600)
+        res = {"startup_s": round(server.startup_s, 1), "runs": []}
+        for k, n in enumerate(a.streams):
+            r = failover_once(server, n, a, 1000 * (k + 1))
+            print(f"{label:9s} streams={n:3d} next token p50/p99 {r['next_token_s_p50']}/"
+                  f"{r['next_token_s_p99']} s, server {r['server_failover_s']} s, "
+                  f"recomputed {r['recomputed_tokens']} (max {r['recomputed_tokens_max']}) "
+                  f"of {r['resumed_tokens']} tokens, errors {r['num_errors']}", flush=True)
+            res["runs"].append(r)
+        return res
+    finally:
+        server.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--peer", default="cpu")
+    ap.add_argument("--serve-args", default="", help="extra `vllm serve` args for both runs")
+    ap.add_argument("--mirror-args", default="", help="extra --mirror-* args")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--prompt-words", type=int, default=200)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--kill-after", type=int, default=32,
+                    help="kill once every stream has this many tokens")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--log-dir", default=".")
+    ap.add_argument("--modes", nargs="+", default=["mirrored", "baseline"],
+                    choices=["mirrored", "baseline"],
+                    help="run one mode per call where a call's time is limited")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "python": platform.python_version(),
+        "command": " ".join(shlex.quote(x) for x in sys.argv),
+    }
+    modes = {"mirrored": env, "baseline": {**env, "VLLM_HA_FAILOVER_DISCARD_KV": "1"}}
+    for mode in a.modes:
+        result[mode] = run(mode, a, modes[mode])
+        if a.out:  # kept if a later mode does not finish
+            with open(a.out + ".partial", "w") as f:
+                json.dump(result, f, indent=1)
+    if not {"mirrored", "baseline"} <= result.keys():  # one mode: no ratio
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
+    print("\nstreams | next token p99 mirrored / baseline | recomputed mirrored / baseline "
+          "| less recomputation")
+    for m, b in zip(result["mirrored"]["runs"], result["baseline"]["runs"]):
+        ratio = (b["recomputed_tokens"] / m["recomputed_tokens"]
+                 if m["recomputed_tokens"] else float("inf"))
+        print(f"{m['streams']:7d} | {m['next_token_s_p99']} / {b['next_token_s_p99']} s | "
+              f"{m['recomputed_tokens']} / {b['recomputed_tokens']} | {ratio:.1f}x")
+        m["recompute_reduction"] = ratio if ratio != float("inf") else None
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

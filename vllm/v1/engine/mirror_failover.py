@@ -1,0 +1,263 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Failover of in-flight requests to the promoted standby (issue 4).
+
+:class:`FailoverEngineCoreClient` wraps ``AsyncLLM.engine_core`` when a mirror is
+configured (patch 0009). Upstream detects the primary's death within milliseconds
+(the engine monitor's process sentinel, or the engine's dead signal) and
+``get_output_async`` raises ``EngineDeadError``; the wrapper catches it there, before
+``AsyncLLM``'s output handler would fail every request, and:
+
+1. takes the standby's engine client from the supervisor (only a standby that is
+   connected and mirroring: it holds the primary's KV up to the steps in flight);
+2. promotes it (``mirror_promote``: unconfirmed steps dropped, their blocks held back);
+3. resubmits every in-flight request as prompt + the tokens its client has been given
+   (:func:`~vllm.v1.engine.failover.resume_request`), under the same id: the API
+   server's per-request state (detokenizer, logprobs, ``n > 1`` parent) continues as
+   is, and the mirrored blocks are prefix-cache hits, so only the tail is recomputed;
+4. reads outputs from the new engine. The output handler, which captured this
+   wrapper, never notices.
+
+Invariant that makes the stream exact: the handler processes outputs sequentially,
+so when ``get_output_async`` raises, every token a client has seen is in its request's
+detokenizer, and nothing after that exists anywhere but in the dead engine. Tokens
+the dead engine produced but nobody read are regenerated.
+
+Requests that cannot continue exactly (structured output, multimodal, ...) get an
+error naming the reason; everything else keeps streaming. Requests that arrive
+during the switch wait for it. With no standby to fail over to, the error propagates
+as upstream's (engine death stays fatal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from vllm.ha.envs import failover_discard_kv
+from vllm.v1.engine.failover import RequestLostInFailover, ResumeRefused, resume_request
+
+if TYPE_CHECKING:
+    from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
+    from vllm.v1.engine.mirror_supervisor import MirrorSupervisor
+
+logger = init_logger(__name__)
+
+PROMOTE_TIMEOUT_S = 30.0
+# What AsyncLLM.errored sees between the primary's death and the end of the switch:
+# new requests are accepted (and wait) instead of failing with EngineDeadError.
+_ALIVE = SimpleNamespace(engine_dead=False)
+
+
+class FailoverEngineCoreClient:
+    """``AsyncLLM.engine_core`` with failover; everything not overridden goes to the
+    current engine's client."""
+
+    def __init__(self, client: Any, output_processor: Any, renderer: Any = None) -> None:
+        self._client = client
+        self.output_processor = output_processor
+        self.renderer = renderer
+        self.supervisor: MirrorSupervisor | None = None
+        # Every request sent and not finished: what failover resubmits.
+        self._retained: dict[str, EngineCoreRequest] = {}
+        # Resubmitted request -> its token count then (recomputation is counted on
+        # its first output from the new engine).
+        self._resumed_tokens: dict[str, int] = {}
+        self._switched: asyncio.Event | None = None  # set when no switch is running
+        self._failing_over = False
+        self._gave_up = False  # no standby when the primary died: upstream behaviour
+        self.failovers = 0
+
+    # -- attributes AsyncLLM reads ----------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    @property
+    def resources(self) -> Any:
+        res = self._client.resources
+        if res.engine_dead and not self._gave_up and (
+                self._failing_over or self._can_fail_over()):
+            return _ALIVE
+        return res
+
+    def _can_fail_over(self) -> bool:
+        sup = self.supervisor
+        return sup is not None and sup.can_fail_over()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self._client.shutdown(timeout=timeout)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def add_request_async(self, request: EngineCoreRequest) -> None:
+        await self._wait_switch()
+        client = self._client
+        self._retained[request.request_id] = request
+        try:
+            await client.add_request_async(request)
+        except EngineDeadError:
+            if not await self._await_failover(client):
+                raise
+            # Failover resubmitted it (it was retained before the switch).
+
+    async def abort_requests_async(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._retained.pop(rid, None)
+            self._resumed_tokens.pop(rid, None)
+        await self._wait_switch()
+        await self._client.abort_requests_async(request_ids)
+
+    async def call_utility_async(self, method: str, *args: Any) -> Any:
+        await self._wait_switch()
+        client = self._client
+        try:
+            return await client.call_utility_async(method, *args)
+        except EngineDeadError:
+            if not await self._await_failover(client):
+                raise
+            return await self._client.call_utility_async(method, *args)
+
+    async def get_output_async(self) -> EngineCoreOutputs:
+        while True:
+            client = self._client
+            try:
+                outputs = await client.get_output_async()
+            except EngineDeadError:
+                if client is not self._client:
+                    continue  # the switch already happened (a utility call saw it)
+                if not await self._fail_over(client):
+                    raise
+                continue
+            self._account(outputs)
+            return outputs
+
+    def _account(self, outputs: EngineCoreOutputs) -> None:
+        for out in outputs.outputs:
+            rid = out.request_id
+            if rid in self._resumed_tokens and out.prefill_stats is not None:
+                total = self._resumed_tokens.pop(rid)
+                cached = out.prefill_stats.num_cached_tokens
+                if self.supervisor is not None:
+                    self.supervisor.on_resumed_request(total - cached, total)
+            if out.finished:
+                self._retained.pop(rid, None)
+                self._resumed_tokens.pop(rid, None)
+
+    # -- the switch -------------------------------------------------------------------
+
+    async def _wait_switch(self) -> None:
+        if self._switched is not None:
+            await self._switched.wait()
+
+    async def _await_failover(self, dead_client: Any) -> bool:
+        """A send to ``dead_client`` failed: wait for the switch the output handler
+        runs (or run it, if the handler has not seen the death yet). True if the
+        requests now live on a new engine."""
+        if self._client is dead_client and not self._failing_over:
+            return await self._fail_over(dead_client)
+        await self._wait_switch()
+        return self._client is not dead_client
+
+    async def _fail_over(self, dead: Any) -> bool:
+        if self._failing_over:
+            await self._wait_switch()
+            return self._client is not dead
+        sup = self.supervisor
+        standby = sup.claim_standby() if sup is not None else None
+        if standby is None:
+            self._gave_up = True
+            logger.error("mirror: the primary engine died and no standby holds its KV "
+                         "(state: %s); failing in-flight requests",
+                         sup.state.state if sup is not None else "no mirror")
+            if sup is not None:
+                sup.on_primary_lost()
+            return False
+        t0 = time.monotonic()
+        self._failing_over = True
+        self._switched = asyncio.Event()
+        try:
+            _fail_pending_utility_calls(dead)
+            self._client = standby
+            logger.warning("mirror: the primary engine died; failing over to the standby "
+                           "(%d request(s) in flight)", len(self._retained))
+            promoted = await asyncio.wait_for(
+                standby.call_utility_async("mirror_promote", failover_discard_kv()),
+                PROMOTE_TIMEOUT_S)
+            if self.renderer is not None:
+                # The sender-side multimodal cache believes the dead engine holds its
+                # items; the new engine's receiver cache is empty.
+                await self.renderer.clear_mm_cache_async()
+            resumed, refused = await self._resubmit()
+        except Exception as e:
+            logger.exception("mirror: failover failed")
+            self._gave_up = True
+            if sup is not None:
+                sup.on_primary_lost(f"failover failed: {type(e).__name__}: {e}")
+            return False
+        finally:
+            self._failing_over = False
+            self._switched.set()
+        self.failovers += 1
+        seconds = time.monotonic() - t0
+        logger.warning("mirror: failover done in %.0f ms: %d request(s) resumed, %d "
+                       "refused; serving unprotected until a new standby is in sync",
+                       seconds * 1e3, resumed, refused)
+        if sup is not None:
+            sup.on_promoted(promoted, seconds=seconds, resumed=resumed, refused=refused)
+        return True
+
+    async def _resubmit(self) -> tuple[int, int]:
+        states = self.output_processor.request_states
+        resumed = refused = 0
+        for rid, request in list(self._retained.items()):
+            state = states.get(rid)
+            if state is None:  # finished or aborted meanwhile
+                self._retained.pop(rid, None)
+                continue
+            generated = (list(state.detokenizer.output_token_ids)
+                         if state.detokenizer is not None else [])
+            try:
+                new = resume_request(request, generated,
+                                     prompt_logprobs_sent=not state.is_prefilling)
+            except ResumeRefused as e:
+                refused += 1
+                self._retained.pop(rid, None)
+                logger.warning("mirror: %s", e)
+                self._fail_request(rid, e.reason)
+                continue
+            if new is None:
+                # Its whole budget reached the client; only the finish was lost.
+                self._retained.pop(rid, None)
+                self._finish_as_length(rid)
+                continue
+            self._retained[rid] = new
+            if generated:
+                self._resumed_tokens[rid] = len(new.prompt_token_ids or ())
+            await self._client.add_request_async(new)
+            resumed += 1
+        return resumed, refused
+
+    def _fail_request(self, rid: str, reason: str) -> None:
+        # generate() raises it and aborts the request (here and on the new engine).
+        state = self.output_processor.request_states.get(rid)
+        if state is not None and state.queue is not None:
+            state.queue.put(RequestLostInFailover(reason))
+
+    def _finish_as_length(self, rid: str) -> None:
+        from vllm.v1.engine import EngineCoreOutput, FinishReason
+
+        self.output_processor.process_outputs(
+            [EngineCoreOutput(request_id=rid, new_token_ids=[],
+                              finish_reason=FinishReason.LENGTH)], time.monotonic(), None)
+
+
+def _fail_pending_utility_calls(client: Any) -> None:
+    """A dead engine never answers: its callers get EngineDeadError now."""
+    for fut in list(getattr(client, "utility_results", {}).values()):
+        if not fut.done():
+            fut.set_exception(EngineDeadError())
