@@ -42,7 +42,7 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         body = {"model": "m", "prompt": self.text, "max_tokens": self.max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True}
+                "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
         try:
             with requests.post(self.url + "/v1/completions", json=body, stream=True,
                                timeout=900) as r:
@@ -53,9 +53,11 @@ class Stream(threading.Thread):
                         if "error" in event:
                             self.error = json.dumps(event["error"])
                             return
-                        if event["choices"][0].get("text"):
+                        # Token ids, not text: dummy weights emit undecodable tokens.
+                        n = len(event["choices"][0].get("token_ids") or [])
+                        if n:
                             self.times.append(time.monotonic())
-                            self.tokens += 1
+                            self.tokens += n
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
 
@@ -74,9 +76,10 @@ def failover_once(server: Server, n: int, a: argparse.Namespace, seed: int) -> d
     for s in streams:
         s.start()
     deadline = time.monotonic() + a.timeout
-    while min(s.tokens for s in streams) < a.kill_after:
-        if time.monotonic() > deadline:
-            raise TimeoutError("streams did not reach --kill-after tokens")
+    while max(s.tokens for s in streams) < a.kill_after or min(s.tokens for s in streams) < 1:
+        if time.monotonic() > deadline or not any(s.is_alive() for s in streams):
+            raise TimeoutError("streams did not reach --kill-after tokens: "
+                               f"{sorted(s.tokens for s in streams)} {[s.error for s in streams][:2]}")
         time.sleep(0.002)
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)

@@ -15,6 +15,11 @@ cd "$ROOT"
 export VLLM_HA_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 VLLM_HA_TEST_LOG_DIR=$LOG
 what=${1:-all}
 rc=0
+case "$what" in bench-*)
+  # Servers run in their own sessions: one left by a call cut at its time limit keeps
+  # its GPU memory and starves the next run's engines.
+  pkill -9 -f "entrypoints.cli.main serve" 2>/dev/null && sleep 3 ;;
+esac
 if [ "$what" = apply ] || [ "$what" = all ]; then
   python3 -m habuild apply --site "$SITE" 2>&1 | tee "$LOG/apply.log" || rc=1
 fi
@@ -72,8 +77,8 @@ if [ "$what" = bench-failover ]; then
     --config-only > "$LOG/make-model-1b.json"
   python3 "$ROOT/benchmarks/failover_serve.py" "$model" --peer cuda:0 --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization 0.3 --max-model-len 4096" \
-    --mirror-args "--mirror-allow-same-device" --streams ${STREAMS:-64} \
-    --modes ${MODES:-mirrored baseline} --out "$LOG/failover_serve_1b_${MODES// /_}.json" \
+    --mirror-args=--mirror-allow-same-device --streams ${STREAMS:-64} \
+    --modes ${MODES:-mirrored baseline} --out "$LOG/failover_serve_1b.json" \
     2>&1 | tee "$LOG/bench-failover.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi

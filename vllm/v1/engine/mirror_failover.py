@@ -85,6 +85,10 @@ class FailoverEngineCoreClient:
             return _ALIVE
         return res
 
+    @property
+    def requests_in_flight(self) -> int:
+        return len(self._retained)
+
     def _can_fail_over(self) -> bool:
         sup = self.supervisor
         return sup is not None and sup.can_fail_over()

@@ -621,6 +621,9 @@ class MirrorSupervisor:
         out = asdict(self.state)
         out["protected"] = self.protected
         out["required"] = self.config.required
+        # What a failover would resubmit now.
+        out["requests_in_flight"] = (self.failover.requests_in_flight
+                                     if self.failover is not None else 0)
         return out
 
     async def verify(self) -> dict[str, Any]:
