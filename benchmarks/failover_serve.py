@@ -73,9 +73,17 @@ def failover_once(server: Server, n: int, a: argparse.Namespace, seed: int) -> d
     pid, failovers = st["primary"]["pid"], st["failovers"]
     streams = [Stream(server.url, prompt(seed + i, a.prompt_words), a.output_len)
                for i in range(n)]
+    # All N in flight at the kill: the engine is held until the server has admitted
+    # every stream (a busy API server admits them over seconds), then resumed.
+    requests.post(server.url + "/pause?mode=keep", timeout=60).raise_for_status()
     for s in streams:
         s.start()
     deadline = time.monotonic() + a.timeout
+    while requests.get(server.url + "/mirror", timeout=30).json()["requests_in_flight"] < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server did not admit every stream")
+        time.sleep(0.02)
+    requests.post(server.url + "/resume", timeout=60).raise_for_status()
     while max(s.tokens for s in streams) < a.kill_after or min(s.tokens for s in streams) < 1:
         if time.monotonic() > deadline or not any(s.is_alive() for s in streams):
             raise TimeoutError("streams did not reach --kill-after tokens: "

@@ -72,6 +72,7 @@ class Stream(threading.Thread):
         self.status: int | None = None
         self.errors: list[str] = []
         self.finish_reason: str | None = None
+        self.ids: set[str] = set()  # the completion id of every chunk
 
     def run(self) -> None:
         body = {"model": "tiny", "prompt": self.prompt, "max_tokens": self.max_tokens,
@@ -87,6 +88,7 @@ class Stream(threading.Thread):
                     if "error" in event:
                         self.errors.append(json.dumps(event["error"]))
                         continue
+                    self.ids.add(event["id"])
                     for c in event["choices"]:
                         ids = c.get("token_ids") or []
                         self.tokens.extend(ids)
@@ -161,6 +163,7 @@ def assert_exact(streams: list[Stream], refs: list[list[int]]) -> None:
     for i, (s, ref) in enumerate(zip(streams, refs)):
         assert s.status == 200 and not s.errors, (i, s.status, s.errors)
         assert s.finish_reason == "length", (i, s.finish_reason)
+        assert len(s.ids) == 1, s.ids  # one request id across the switch
         assert s.tokens == ref, (i, len(s.tokens), len(ref),
                                  next((k for k, (a, b) in enumerate(zip(s.tokens, ref))
                                        if a != b), None))

@@ -272,7 +272,9 @@ class EngineCoreStandbyMixin:
         state.active = False
         published = state.ingest.num_blocks_published
         if discard_kv:
-            state.ingest.block_pool.reset_prefix_cache()
+            # Not reset_prefix_cache(): it refuses while the held blocks are in use.
+            pool = state.ingest.block_pool
+            pool.evict_blocks({b.block_id for b in cached_blocks(pool)})
 
         def release() -> None:
             try:
