@@ -86,7 +86,7 @@ printf '\n== kill -9 the PRIMARY engine mid-stream: the stream goes on from the 
 import json, os, signal, sys, threading, time, requests
 base = f"http://127.0.0.1:{sys.argv[1]}"
 pid = requests.get(base + "/mirror", timeout=30).json()["primary"]["pid"]
-body = {"model": "tiny", "prompt": "the standby keeps the stream going", "max_tokens": 200,
+body = {"model": "tiny", "prompt": "the standby keeps the stream going", "max_tokens": 900,
         "temperature": 0, "ignore_eos": True, "stream": True}
 tokens, killed_at = [], []
 def kill():
