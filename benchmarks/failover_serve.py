@@ -75,7 +75,7 @@ def failover_once(server: Server, n: int, a: argparse.Namespace, seed: int) -> d
                for i in range(n)]
     # All N in flight at the kill: the engine is held until the server has admitted
     # every stream (a busy API server admits them over seconds), then resumed.
-    requests.post(server.url + "/pause?mode=keep", timeout=60).raise_for_status()
+    requests.post(server.url + "/pause?mode=keep&clear_cache=false", timeout=60).raise_for_status()
     for s in streams:
         s.start()
     deadline = time.monotonic() + a.timeout

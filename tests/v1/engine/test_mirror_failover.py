@@ -133,14 +133,14 @@ def reference(server: RemoteServer, ps: list[str], max_tokens: int = MAX_TOKENS
     return refs
 
 
-def kill_primary_during(server: RemoteServer, streams: list[Stream]) -> int:
+def kill_primary_during(server: RemoteServer, streams: list[Stream], join: bool = True) -> int:
     """SIGKILL the primary while every stream decodes on it. The engine is paused
     until the server holds all of them (on the busy 2-core box the API server admits
     requests slowly, and the tiny model would finish the first before the last
     arrives), then resumed; the kill follows a client's first token."""
     before = server.get("/mirror").json()
     pid = before["primary"]["pid"]
-    assert server.post("/pause?mode=keep", {}).status_code == 200
+    assert server.post("/pause?mode=keep&clear_cache=false", {}).status_code == 200
     for s in streams:
         s.start()
     deadline = time.monotonic() + 120
@@ -155,7 +155,8 @@ def kill_primary_during(server: RemoteServer, streams: list[Stream]) -> int:
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     for s in streams:
-        s.join(300)
+        if join:
+            s.join(300)
     return pid
 
 
@@ -210,6 +211,35 @@ def test_reprotected_after_failover_and_a_second_failover_works(server):
     assert_exact(streams, refs)
     st = server.get("/mirror").json()
     assert st["failovers"] == 2 and st["last_failover"]["requests_resumed"] == STREAMS, st
+
+
+def test_a_request_lives_through_two_failovers(server):
+    """Resubmitted twice: always rebuilt from the request as sent plus every token
+    its client has, never from the first resubmission."""
+    wait_mirror(server, timeout=300)
+    p = prompts(700)[5]
+    ref = reference(server, [p])[0]
+    failovers = server.get("/mirror").json()["failovers"]
+    s = Stream(server, p)
+    kill_primary_during(server, [s], join=False)
+    # Hold it on the promoted engine until a new standby protects it, then kill that.
+    assert server.post("/pause?mode=keep&clear_cache=false", {}).status_code == 200
+    deadline = time.monotonic() + 300
+    while not server.get("/mirror").json()["protected"]:
+        assert time.monotonic() < deadline and s.is_alive()
+        time.sleep(0.2)
+    pid = server.get("/mirror").json()["primary"]["pid"]
+    n = len(s.tokens)
+    assert n < MAX_TOKENS
+    assert server.post("/resume", {}).status_code == 200
+    while len(s.tokens) <= n:
+        assert time.monotonic() < deadline and s.is_alive()
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    s.join(300)
+    assert_exact([s], [ref])
+    st = server.get("/mirror").json()
+    assert st["failovers"] == failovers + 2, st
 
 
 def test_kill_during_prefill_and_right_after_a_request_finished(server):

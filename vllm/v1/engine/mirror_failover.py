@@ -31,6 +31,8 @@ as upstream's (engine death stays fatal).
 from __future__ import annotations
 
 import asyncio
+import inspect
+import threading
 import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -62,32 +64,54 @@ class FailoverEngineCoreClient:
         self.output_processor = output_processor
         self.renderer = renderer
         self.supervisor: MirrorSupervisor | None = None
-        # Every request sent and not finished: what failover resubmits.
+        # Every request sent and not finished, as the client sent it: what failover
+        # resubmits (always rebuilt from the original, however many switches).
         self._retained: dict[str, EngineCoreRequest] = {}
         # Resubmitted request -> its token count then (recomputation is counted on
         # its first output from the new engine).
         self._resumed_tokens: dict[str, int] = {}
-        self._switched: asyncio.Event | None = None  # set when no switch is running
-        self._failing_over = False
+        self._switching = False
         self._gave_up = False  # no standby when the primary died: upstream behaviour
+        self._last_output_at = time.monotonic()
         self.failovers = 0
 
     # -- attributes AsyncLLM reads ----------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
+        attr = getattr(self._client, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def after_switch(*args: Any, **kwargs: Any) -> Any:
+            # Utilities (pause, sleep, LoRA, ...) go to the engine that serves once
+            # a switch is over, not to a standby being promoted.
+            await self._wait_switch(self._client)
+            client = self._client
+            try:
+                return await getattr(client, name)(*args, **kwargs)
+            except EngineDeadError:  # sent to the dying engine: redo it on the new one
+                if not await self._wait_switch(client):
+                    raise
+                return await getattr(self._client, name)(*args, **kwargs)
+
+        return after_switch
 
     @property
     def resources(self) -> Any:
         res = self._client.resources
         if res.engine_dead and not self._gave_up and (
-                self._failing_over or self._can_fail_over()):
+                self._switching or self._can_fail_over()):
             return _ALIVE
         return res
 
     @property
     def requests_in_flight(self) -> int:
         return len(self._retained)
+
+    def seconds_since_output(self) -> float:
+        """Since the engine last produced anything while requests were in flight (0
+        when none are): a step-timeout watchdog's measure of progress."""
+        return time.monotonic() - self._last_output_at if self._retained else 0.0
 
     def _can_fail_over(self) -> bool:
         sup = self.supervisor
@@ -99,44 +123,60 @@ class FailoverEngineCoreClient:
     # -- requests ---------------------------------------------------------------------
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
-        await self._wait_switch()
+        await self._wait_switch(self._client)
         client = self._client
+        if not self._retained:
+            self._last_output_at = time.monotonic()
         self._retained[request.request_id] = request
         try:
             await client.add_request_async(request)
         except EngineDeadError:
-            if not await self._await_failover(client):
+            if not await self._wait_switch(client):
                 raise
-            # Failover resubmitted it (it was retained before the switch).
+            # The switch resubmitted it: it was retained before the switch began.
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._retained.pop(rid, None)
             self._resumed_tokens.pop(rid, None)
-        await self._wait_switch()
+        if self._switching:
+            # Never hold the output handler here (it may be between the chunks of a
+            # batch): the switch resubmits nothing popped above; tell the new engine
+            # about the rest once it serves.
+            asyncio.get_running_loop().create_task(self._abort_after_switch(request_ids))
+            return
         await self._client.abort_requests_async(request_ids)
 
+    async def _abort_after_switch(self, request_ids: list[str]) -> None:
+        if await self._wait_switch(self._client):
+            await self._client.abort_requests_async(request_ids)
+
     async def call_utility_async(self, method: str, *args: Any) -> Any:
-        await self._wait_switch()
+        await self._wait_switch(self._client)
         client = self._client
         try:
             return await client.call_utility_async(method, *args)
         except EngineDeadError:
-            if not await self._await_failover(client):
+            if not await self._wait_switch(client):
                 raise
             return await self._client.call_utility_async(method, *args)
 
     async def get_output_async(self) -> EngineCoreOutputs:
         while True:
+            if self._gave_up:
+                raise EngineDeadError()
             client = self._client
             try:
                 outputs = await client.get_output_async()
             except EngineDeadError:
-                if client is not self._client:
-                    continue  # the switch already happened (a utility call saw it)
+                # Only this path switches: the output handler calls it once every
+                # output it received is processed, so the clients' tokens are exactly
+                # the detokenizers' (a switch started elsewhere could snapshot them
+                # between the chunks of a batch and duplicate a token).
                 if not await self._fail_over(client):
                     raise
                 continue
+            self._last_output_at = time.monotonic()
             self._account(outputs)
             return outputs
 
@@ -154,36 +194,27 @@ class FailoverEngineCoreClient:
 
     # -- the switch -------------------------------------------------------------------
 
-    async def _wait_switch(self) -> None:
-        if self._switched is not None:
-            await self._switched.wait()
-
-    async def _await_failover(self, dead_client: Any) -> bool:
-        """A send to ``dead_client`` failed: wait for the switch the output handler
-        runs (or run it, if the handler has not seen the death yet). True if the
-        requests now live on a new engine."""
-        if self._client is dead_client and not self._failing_over:
-            return await self._fail_over(dead_client)
-        await self._wait_switch()
-        return self._client is not dead_client
+    async def _wait_switch(self, dead: Any) -> bool:
+        """Until requests no longer depend on ``dead`` (the current client: until no
+        switch runs). True if a live engine serves them now."""
+        deadline = time.monotonic() + PROMOTE_TIMEOUT_S + 30
+        while (self._switching or (self._client is dead and dead.resources.engine_dead)) \
+                and not self._gave_up:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.002)
+        return not self._gave_up and self._client is not dead or \
+            not dead.resources.engine_dead
 
     async def _fail_over(self, dead: Any) -> bool:
-        if self._failing_over:
-            await self._wait_switch()
-            return self._client is not dead
         sup = self.supervisor
         standby = sup.claim_standby() if sup is not None else None
         if standby is None:
-            self._gave_up = True
-            logger.error("mirror: the primary engine died and no standby holds its KV "
-                         "(state: %s); failing in-flight requests",
-                         sup.state.state if sup is not None else "no mirror")
-            if sup is not None:
-                sup.on_primary_lost()
+            self._give_up(sup, f"no standby holds its KV (state: "
+                               f"{sup.state.state if sup is not None else 'no mirror'})")
             return False
         t0 = time.monotonic()
-        self._failing_over = True
-        self._switched = asyncio.Event()
+        self._switching = True
         try:
             _fail_pending_utility_calls(dead)
             self._client = standby
@@ -197,23 +228,35 @@ class FailoverEngineCoreClient:
                 # items; the new engine's receiver cache is empty.
                 await self.renderer.clear_mm_cache_async()
             resumed, refused = await self._resubmit()
-        except Exception as e:
+        except BaseException as e:  # cancelled too: never leave requests half-moved
             logger.exception("mirror: failover failed")
-            self._gave_up = True
-            if sup is not None:
-                sup.on_primary_lost(f"failover failed: {type(e).__name__}: {e}")
+            self._client = dead
+            self._give_up(sup, f"failover failed: {type(e).__name__}: {e}")
+            threading.Thread(target=standby.shutdown, daemon=True).start()
+            if not isinstance(e, Exception):
+                raise
             return False
         finally:
-            self._failing_over = False
-            self._switched.set()
+            self._switching = False
         self.failovers += 1
         seconds = time.monotonic() - t0
+        self._last_output_at = time.monotonic()
         logger.warning("mirror: failover done in %.0f ms: %d request(s) resumed, %d "
                        "refused; serving unprotected until a new standby is in sync",
                        seconds * 1e3, resumed, refused)
+        # The dead client's monitor may not have cleaned up (an engine that sent its
+        # dead signal): do it off the loop.
+        threading.Thread(target=dead.shutdown, daemon=True).start()
         if sup is not None:
             sup.on_promoted(promoted, seconds=seconds, resumed=resumed, refused=refused)
         return True
+
+    def _give_up(self, sup: Any, reason: str) -> None:
+        self._gave_up = True
+        logger.error("mirror: the primary engine died and its requests cannot fail over "
+                     "(%s); failing them", reason)
+        if sup is not None:
+            sup.on_primary_lost(reason)
 
     async def _resubmit(self) -> tuple[int, int]:
         states = self.output_processor.request_states
@@ -223,6 +266,8 @@ class FailoverEngineCoreClient:
             if state is None:  # finished or aborted meanwhile
                 self._retained.pop(rid, None)
                 continue
+            # Every token the client has, since the request began (over any number of
+            # switches: the original request is what is retained).
             generated = (list(state.detokenizer.output_token_ids)
                          if state.detokenizer is not None else [])
             try:
@@ -239,7 +284,6 @@ class FailoverEngineCoreClient:
                 self._retained.pop(rid, None)
                 self._finish_as_length(rid)
                 continue
-            self._retained[rid] = new
             if generated:
                 self._resumed_tokens[rid] = len(new.prompt_token_ids or ())
             await self._client.add_request_async(new)
@@ -247,10 +291,13 @@ class FailoverEngineCoreClient:
         return resumed, refused
 
     def _fail_request(self, rid: str, reason: str) -> None:
-        # generate() raises it and aborts the request (here and on the new engine).
+        # generate() raises it (as an EngineDeadError it does not abort the request
+        # itself, so its state is dropped here; the abort output behind the error is
+        # never read).
         state = self.output_processor.request_states.get(rid)
         if state is not None and state.queue is not None:
             state.queue.put(RequestLostInFailover(reason))
+        self.output_processor.abort_requests([rid], internal=True)
 
     def _finish_as_length(self, rid: str) -> None:
         from vllm.v1.engine import EngineCoreOutput, FinishReason

@@ -114,6 +114,10 @@ class StandbyOpsReader(threading.Thread):
         self._sock.bind(address)
         self._halt = threading.Event()
         self._poll_queued = threading.Event()
+        # Batches handed to the loop and not applied yet: promotion applies them
+        # itself (they may invalidate blocks a late WRITE overwrites).
+        self._unapplied: dict[int, list[tuple[str, Any]]] = {}
+        self._next_batch = 0
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -122,7 +126,10 @@ class StandbyOpsReader(threading.Thread):
             if self._sock.poll(int((_BUSY_POLL_S if busy else _IDLE_POLL_S) * 1000)):
                 batch = self._read_available()
             if batch:
-                self.submit(lambda b=batch: self._apply(b))
+                key = self._next_batch
+                self._next_batch += 1
+                self._unapplied[key] = batch
+                self.submit(lambda k=key: self._apply(k))
             if (batch or busy) and not self._poll_queued.is_set():
                 self._poll_queued.set()
                 self.submit(self._poll)
@@ -139,8 +146,8 @@ class StandbyOpsReader(threading.Thread):
             except zmq.Again:
                 return batch
 
-    def _apply(self, batch: list[tuple[str, Any]]) -> None:
-        for kind, payload in batch:
+    def _apply(self, key: int) -> None:
+        for kind, payload in self._unapplied.pop(key, ()):
             self.state.on_ops(kind, payload)
 
     def _poll(self) -> None:
@@ -154,7 +161,9 @@ class StandbyOpsReader(threading.Thread):
         self._halt.set()
         self.join(timeout=5)
         try:
-            return self._read_available()
+            pending = [op for key in sorted(self._unapplied) for op in self._unapplied[key]]
+            self._unapplied.clear()
+            return pending + self._read_available()
         finally:
             self._sock.close(linger=0)
             self._ctx.term()
@@ -267,7 +276,10 @@ class EngineCoreStandbyMixin:
             for kind, payload in reader.stop():
                 state.on_ops(kind, payload)
             self._mirror_ops_reader = None
-        state.poll_workers()
+        try:
+            state.poll_workers()
+        except Exception:  # e.g. acknowledging a scatter to the dead primary
+            logger.exception("mirror: last landing poll failed; unconfirmed steps held back")
         held = state.ingest.quarantine()
         state.active = False
         published = state.ingest.num_blocks_published

@@ -462,19 +462,34 @@ class MirrorSupervisor:
                     f"standby stalled: a step unconfirmed for {p['oldest_unconfirmed_s']:.0f} s")
 
     def _status_of_primary(self) -> dict[str, Any]:
-        """The primary's mirror status; a primary silent for ``--mirror-step-timeout``
-        while a standby could take over is killed (its requests fail over)."""
+        """The primary's mirror status; a primary that answers nothing for
+        ``--mirror-step-timeout`` while it has requests in flight and produced no
+        output for as long (a hung step, not a long utility on an idle engine), with
+        a standby to take over, is killed: its requests fail over."""
         timeout = self.config.step_timeout
-        if not timeout or not self.can_fail_over():
-            return self._call_primary("mirror_status")
-        try:
-            return self._call_primary("mirror_status", timeout=timeout)
-        except concurrent.futures.TimeoutError:
+        fut = asyncio.run_coroutine_threadsafe(
+            self.engine_core.call_utility_async("mirror_status"), self.loop)
+        t0 = time.monotonic()
+        while True:
+            try:
+                return fut.result(0.5)
+            except concurrent.futures.TimeoutError:
+                pass
+            waited = time.monotonic() - t0
+            if waited > CALL_TIMEOUT_S:
+                fut.cancel()
+                raise TimeoutError(f"the primary did not answer its status in {waited:.0f} s")
+            if not timeout or waited < timeout or not self.can_fail_over():
+                continue
+            silent = (self.failover.seconds_since_output()
+                      if self.failover is not None else 0.0)
             pid = self.state.primary.get("pid")
-            if pid is None or not self.can_fail_over():
-                raise
-            logger.error("mirror: the primary engine (pid %d) has not answered for %.0f s "
-                         "(--mirror-step-timeout); killing it to fail over", pid, timeout)
+            if pid is None or silent < timeout:
+                continue
+            fut.cancel()
+            logger.error("mirror: the primary engine (pid %d) has produced nothing and "
+                         "answered nothing for %.0f s with requests in flight "
+                         "(--mirror-step-timeout); killing it to fail over", pid, waited)
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -550,6 +565,16 @@ class MirrorSupervisor:
                 return None
             self.standby = None
             client = standby.detach()
+            # The next standby goes where the old primary was (its memory is free
+            # now); swapped here, before this thread can start one.
+            st = self.state
+            old_primary = st.primary.get("device", "cpu")
+            st.primary = {"device": st.peer}
+            st.standby = {}
+            if self._cuda_visible is not None:
+                st.peer = old_primary
+                self._cuda_visible, self._primary_cuda_visible = (
+                    self._primary_cuda_visible, self._cuda_visible)
         self.state.state = "failing_over"
         self.metrics.standby_up.set(0)
         self.metrics.in_sync.set(0)
@@ -562,7 +587,8 @@ class MirrorSupervisor:
         the old primary's device) and catches up from its prefix cache."""
         st = self.state
         st.failovers += 1
-        st.state = "down"
+        if st.state == "failing_over":  # the supervisor may be starting a new one
+            st.state = "down"
         st.last_failover = {
             "at": self._failover_started, "seconds": round(seconds, 4),
             "requests_resumed": resumed, "requests_refused": refused,
@@ -570,15 +596,8 @@ class MirrorSupervisor:
             "blocks_held_back": promoted.get("blocks_held"),
             "recomputed_tokens": 0, "recomputed_tokens_max": 0, "resumed_tokens": 0,
         }
-        old_primary = st.primary.get("device", "cpu")
-        st.primary = {"device": st.peer, "pid": promoted.get("pid")}
-        st.standby = {}
+        st.primary["pid"] = promoted.get("pid")
         self._last = {}  # the new primary's counters start at zero
-        if self._cuda_visible is not None:
-            # The next standby goes where the old primary was (its memory is free now).
-            st.peer = old_primary
-            self._cuda_visible, self._primary_cuda_visible = (
-                self._primary_cuda_visible, self._cuda_visible)
         self.metrics.failovers.inc()
         self.metrics.failover_seconds.observe(seconds)
         self.metrics.resumed.inc(resumed)
