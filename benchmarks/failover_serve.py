@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=200)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--kill-after", type=int, default=32,
-                    help="kill once every stream has this many tokens")
+                    help="kill once every stream is in flight and one has this many tokens")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--log-dir", default=".")
     ap.add_argument("--modes", nargs="+", default=["mirrored", "baseline"],

@@ -289,14 +289,22 @@ def test_hashes_are_never_published_before_the_bytes_land(primary, standby_pool)
     assert standby.get_computed_blocks(probe)[1] == 8 and ingest.lag_steps == 0
 
 
-def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
+def one_landed_one_pending(primary, standby_pool) -> MirrorStepOps:
+    """Two steps announced to the standby; the first (tokens 0..7) landed, the
+    second (100..111) did not: returns the second's ops."""
     manager, tracker = primary
-    standby, ingest = standby_pool
-    first, a = prefilled_ops(manager, tracker, list(range(8)))
-    second, b = prefilled_ops(manager, tracker, list(range(100, 112)))
+    _, ingest = standby_pool
+    _, a = prefilled_ops(manager, tracker, list(range(8)))
+    _, b = prefilled_ops(manager, tracker, list(range(100, 112)))
     ingest.receive_ops(a)
     ingest.receive_ops(b)
     ingest.on_landed(a.seq)
+    return b
+
+
+def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
+    standby, ingest = standby_pool
+    b = one_landed_one_pending(primary, standby_pool)
     assert ingest.drain() == len(b.write) == 3
     _assert_standby_invariants(standby)
     assert standby.get_computed_blocks(make_request(list(range(9))))[1] == 8
@@ -306,13 +314,8 @@ def test_drain_drops_unconfirmed_steps_before_promotion(primary, standby_pool):
 def test_promotion_holds_back_unconfirmed_blocks_until_released(primary, standby_pool):
     """A dead primary's worker may still be writing an unconfirmed step's blocks: at
     promotion they are neither published nor handed out until freed later."""
-    manager, tracker = primary
     standby, ingest = standby_pool
-    first, a = prefilled_ops(manager, tracker, list(range(8)))
-    second, b = prefilled_ops(manager, tracker, list(range(100, 112)))
-    ingest.receive_ops(a)
-    ingest.receive_ops(b)
-    ingest.on_landed(a.seq)
+    b = one_landed_one_pending(primary, standby_pool)
     pool = standby.block_pool
     free_before = pool.get_num_free_blocks()
     held = ingest.quarantine()

@@ -73,7 +73,6 @@ class FailoverEngineCoreClient:
         self._switching = False
         self._gave_up = False  # no standby when the primary died: upstream behaviour
         self._last_output_at = time.monotonic()
-        self.failovers = 0
 
     # -- attributes AsyncLLM reads ----------------------------------------------------
 
@@ -82,19 +81,23 @@ class FailoverEngineCoreClient:
         if not inspect.iscoroutinefunction(attr):
             return attr
 
-        async def after_switch(*args: Any, **kwargs: Any) -> Any:
-            # Utilities (pause, sleep, LoRA, ...) go to the engine that serves once
-            # a switch is over, not to a standby being promoted.
-            await self._wait_switch(self._client)
-            client = self._client
-            try:
-                return await getattr(client, name)(*args, **kwargs)
-            except EngineDeadError:  # sent to the dying engine: redo it on the new one
-                if not await self._wait_switch(client):
-                    raise
-                return await getattr(self._client, name)(*args, **kwargs)
+        async def on_current(*args: Any, **kwargs: Any) -> Any:
+            return await self._on_current(name, *args, **kwargs)
 
-        return after_switch
+        return on_current
+
+    async def _on_current(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``method`` of the engine that serves once no switch runs (utilities: pause,
+        sleep, LoRA, ... never reach a standby being promoted); one sent to a dying
+        engine is redone on the new one."""
+        await self._wait_switch(self._client)
+        client = self._client
+        try:
+            return await getattr(client, method)(*args, **kwargs)
+        except EngineDeadError:
+            if not await self._wait_switch(client):
+                raise
+            return await getattr(self._client, method)(*args, **kwargs)
 
     @property
     def resources(self) -> Any:
@@ -152,14 +155,7 @@ class FailoverEngineCoreClient:
             await self._client.abort_requests_async(request_ids)
 
     async def call_utility_async(self, method: str, *args: Any) -> Any:
-        await self._wait_switch(self._client)
-        client = self._client
-        try:
-            return await client.call_utility_async(method, *args)
-        except EngineDeadError:
-            if not await self._wait_switch(client):
-                raise
-            return await self._client.call_utility_async(method, *args)
+        return await self._on_current("call_utility_async", method, *args)
 
     async def get_output_async(self) -> EngineCoreOutputs:
         while True:
@@ -238,7 +234,6 @@ class FailoverEngineCoreClient:
             return False
         finally:
             self._switching = False
-        self.failovers += 1
         seconds = time.monotonic() - t0
         self._last_output_at = time.monotonic()
         logger.warning("mirror: failover done in %.0f ms: %d request(s) resumed, %d "
