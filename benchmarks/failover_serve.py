@@ -71,8 +71,10 @@ def failover_once(server: Server, n: int, a: argparse.Namespace, seed: int) -> d
     server.wait_mirror(a.timeout)
     st = requests.get(server.url + "/mirror", timeout=30).json()
     pid, failovers = st["primary"]["pid"], st["failovers"]
-    streams = [Stream(server.url, prompt(seed + i, a.prompt_words), a.output_len)
-               for i in range(n)]
+    # A distinct first block per stream: prompt() has 16 variants, so 64 streams would
+    # share prefixes and the baseline's re-prefill would hit its own fresh cache.
+    streams = [Stream(server.url, f"request {seed + i}: " + prompt(seed + i, a.prompt_words),
+                      a.output_len) for i in range(n)]
     # All N in flight at the kill: the engine is held until the server has admitted
     # every stream (a busy API server admits them over seconds), then resumed.
     requests.post(server.url + "/pause?mode=keep&clear_cache=false", timeout=60).raise_for_status()
@@ -90,22 +92,38 @@ def failover_once(server: Server, n: int, a: argparse.Namespace, seed: int) -> d
                                f"{sorted(s.tokens for s in streams)} {[s.error for s in streams][:2]}")
         time.sleep(0.002)
     t_kill = time.monotonic()
+    wall_offset = time.time() - t_kill
     os.kill(pid, signal.SIGKILL)
     for s in streams:
         s.join(a.timeout)
     errors = [s.error for s in streams if s.error]
-    gaps = [next(t for t in s.times if t > t_kill) - t_kill for s in streams
-            if any(t > t_kill for t in s.times)]
     for _ in range(100):
         st = requests.get(server.url + "/mirror", timeout=30).json()
         if st["failovers"] > failovers:
             break
         time.sleep(0.1)
     last = st["last_failover"] or {}
+
+    def after(t0: float) -> list[float]:
+        return [next(t for t in s.times if t > t0) - t_kill for s in streams
+                if any(t > t0 for t in s.times)]
+
+    # Chunks the dead primary produced still reach the client after the kill (the API
+    # server streams what it had): the next token is the first chunk after the switch
+    # (death seen + resubmitted, the server's clock), i.e. from the promoted engine.
+    switched = (last["at"] + last["seconds"] - wall_offset if last.get("at") is not None
+                else t_kill)
+    gaps, raw = after(max(t_kill, switched)), after(t_kill)
     return {
         "streams": n, "errors": errors[:3], "num_errors": len(errors),
         "next_token_s_p50": round(pct(gaps, 0.5), 4) if gaps else None,
         "next_token_s_p99": round(pct(gaps, 0.99), 4) if gaps else None,
+        "next_token_s_all": sorted(round(g, 4) for g in gaps),
+        "first_chunk_after_kill_s_p50": round(pct(raw, 0.5), 4) if raw else None,
+        "first_chunk_after_kill_s_p99": round(pct(raw, 0.99), 4) if raw else None,
+        # kill -> the API server sees the death (its clock); the switch follows.
+        "death_seen_s": (round(last["at"] - wall_offset - t_kill, 4)
+                         if last.get("at") is not None else None),
         "server_failover_s": last.get("seconds"),
         "requests_resumed": last.get("requests_resumed"),
         "recomputed_tokens": last.get("recomputed_tokens"),
@@ -125,7 +143,8 @@ def run(label: str, a: argparse.Namespace, env: dict[str, str]) -> dict:
         for k, n in enumerate(a.streams):
             r = failover_once(server, n, a, 1000 * (k + 1))
             print(f"{label:9s} streams={n:3d} next token p50/p99 {r['next_token_s_p50']}/"
-                  f"{r['next_token_s_p99']} s, server {r['server_failover_s']} s, "
+                  f"{r['next_token_s_p99']} s, death seen {r['death_seen_s']} s, "
+                  f"server {r['server_failover_s']} s, "
                   f"recomputed {r['recomputed_tokens']} (max {r['recomputed_tokens_max']}) "
                   f"of {r['resumed_tokens']} tokens, errors {r['num_errors']}", flush=True)
             res["runs"].append(r)
