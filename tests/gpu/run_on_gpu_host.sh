@@ -6,6 +6,8 @@
 #   bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b       (benchmarks/mirror_serve.py)
 #   MODES=mirrored bash tests/gpu/run_on_gpu_host.sh bench-failover   (benchmarks/failover_serve.py)
 #   bash tests/gpu/run_on_gpu_host.sh failover                 (the failover e2e test on CUDA)
+#   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
+#   MODES="..." bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b  (benchmarks/checkpoint_restore.py)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 LOG=${OUT:-$ROOT/gpu-out}
@@ -40,6 +42,11 @@ fi
 if [ "$what" = failover ]; then
   python3 -m pytest -v -p no:cacheprovider tests/v1/engine/test_mirror_failover.py \
     2>&1 | tee "$LOG/pytest-failover.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = checkpoint ]; then
+  python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_checkpoint.py \
+    tests/v1/worker/test_checkpoint_worker.py 2>&1 | tee "$LOG/pytest-checkpoint.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = mirror ]; then
@@ -80,6 +87,22 @@ if [ "$what" = bench-failover ]; then
     --mirror-args=--mirror-allow-same-device --streams ${STREAMS:-64} \
     --modes ${MODES:-mirrored baseline} --out "$LOG/failover_serve_1b.json" \
     2>&1 | tee "$LOG/bench-failover.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = bench-checkpoint ]; then
+  shape=${2:-1b}
+  model=/tmp/models/llama-$shape
+  if [ "$shape" = 8b ]; then
+    dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"; util=0.5
+  else
+    dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"; util=0.3
+  fi
+  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 \
+    --max-pos 16384 --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
+  python3 "$ROOT/benchmarks/checkpoint_restore.py" "$model" --log-dir "$LOG" \
+    --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096" \
+    ${MODES:+--modes $MODES} --out "$LOG/checkpoint_restore_$shape.json" \
+    2>&1 | tee "$LOG/bench-checkpoint-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

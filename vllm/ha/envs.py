@@ -13,3 +13,16 @@ def failover_discard_kv() -> bool:
     prefix cache, so resumed requests recompute everything (the baseline of
     ``benchmarks/failover_serve.py``: the same standby without mirrored KV)."""
     return os.environ.get("VLLM_HA_FAILOVER_DISCARD_KV", "0") == "1"
+
+
+def admin_key() -> str | None:
+    """``VLLM_HA_ADMIN_KEY``: the Bearer token ``/checkpoint`` and ``/restore`` require
+    (else the server's ``--api-key``). An environment variable rather than a flag so
+    the secret does not show in ``ps``."""
+    return os.environ.get("VLLM_HA_ADMIN_KEY") or None
+
+
+def checkpoint_host_reserve() -> int:
+    """``VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB`` (default 2): host memory a checkpoint
+    leaves to everything else; a checkpoint that could need more is refused (507)."""
+    return int(float(os.environ.get("VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB", "2")) * 2**30)

@@ -1,0 +1,134 @@
+"""The worker side of /checkpoint on real tensors: every byte comes back, chunked or
+not, compressed or raw, and only the KV blocks named are kept.
+
+The worker here is a container of what WorkerCheckpoint reads (a real torch model, real
+KV tensors, the config field); the engine-level path runs end to end in
+tests/entrypoints/serve/test_checkpoint.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.utils import ON_CUDA
+from tests.v1.core.test_kv_mirror import make_manager, make_request, prefill
+from vllm.v1.engine.checkpoint import blocks_in_use
+from vllm.v1.worker import checkpoint_worker as cw
+
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+CODECS = ["none", "zlib"] + (["ans", "gdeflate"] if ON_CUDA else [])
+NUM_BLOCKS = 12
+
+
+def bf16_weights(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).to(DEVICE)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("nbytes", [2, 7, 4096, 3 * 1024 + 1])
+def test_chunk_round_trip_is_byte_exact(codec, nbytes, monkeypatch):
+    region = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=DEVICE)
+    region[: nbytes // 2] = bf16_weights(nbytes // 4 + 1).view(torch.uint8)[: nbytes // 2]
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 1024)  # several chunks, an odd last one
+    c = cw.make_codec(codec, DEVICE)
+    chunks = [cw._encode(c, chunk, off, pin=False) for off, chunk in cw._chunks(region)]
+    assert [ch.offset for ch in chunks] == list(range(0, nbytes, 1024))
+    assert all(ch.planes is None for ch in chunks) == (codec == "none")
+    out = torch.zeros_like(region)
+    for ch in chunks:
+        cw._decode_into(c, ch, out[ch.offset:ch.offset + ch.nbytes])
+    assert torch.equal(out, region)
+
+
+def test_bf16_weights_shrink_and_random_bytes_are_stored_raw():
+    c = cw.make_codec("auto", DEVICE)
+    weights = bf16_weights(1 << 16).view(torch.uint8)
+    ch = cw._encode(c, weights, 0, pin=False)
+    exponent, mantissa = ch.planes.planes
+    assert exponent.compressed and exponent.data.numel() < exponent.nbytes * 0.6
+    assert not mantissa.compressed  # close to uniform: compressing it would not pay
+    noise = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, device=DEVICE)
+    assert not any(p.compressed for p in cw._encode(c, noise, 0, pin=False).planes.planes)
+
+
+def test_unknown_codec_and_nvcomp_without_cuda_are_refused():
+    with pytest.raises(cw.CheckpointWorkerError, match="unknown codec"):
+        cw.make_codec("lz4", DEVICE)
+    with pytest.raises(cw.CheckpointWorkerError, match="needs a CUDA device"):
+        cw.make_codec("ans", torch.device("cpu"))
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.tied = self.proj  # a shared module counts once
+        self.register_buffer("scale", torch.arange(5, dtype=torch.float32))
+
+
+def cpu_worker() -> SimpleNamespace:
+    torch.manual_seed(0)
+    model = TinyModel().to(torch.bfloat16)
+    # Two layers sharing one allocation, like vLLM's KV layout per attention group.
+    kv = torch.randn(NUM_BLOCKS, 2, 4, 8).to(torch.bfloat16)
+    return SimpleNamespace(
+        device="cpu", model_runner=SimpleNamespace(model=model, kv_caches=[kv, kv[:]]),
+        vllm_config=SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=NUM_BLOCKS)))
+
+
+@pytest.mark.parametrize("codec", ["none", "zlib"])
+def test_cpu_offload_zeroes_and_restore_brings_every_kept_byte_back(codec):
+    worker = cpu_worker()
+    model, kv = worker.model_runner.model, worker.model_runner.kv_caches[0]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    kv_before = kv.clone()
+    keep = [1, 4, 5, 11]
+    ckpt = cw.WorkerCheckpoint(worker)
+    assert ckpt.plan(keep)["kv_raw"] == len(keep) * kv[0].numel() * 2
+    out = ckpt.offload(keep, codec)
+    assert out["kv_blocks"] == len(keep) and not out["releases_memory"]
+    # Every parameter and buffer once (the tied module is not counted twice).
+    assert out["weights_raw"] == (64 * 16 + 16 * 16 + 16 + 5) * 2
+    # Nothing of the weights or the KV is left where the engine reads it.
+    assert all(not v.any() for v in model.state_dict().values())
+    assert not kv.any()
+    with pytest.raises(cw.CheckpointWorkerError, match="already checkpointed"):
+        ckpt.offload(keep, codec)
+    ckpt.restore()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for b in range(NUM_BLOCKS):
+        assert torch.equal(kv[b], kv_before[b] if b in keep else torch.zeros_like(kv[b])), b
+    with pytest.raises(cw.CheckpointWorkerError, match="not checkpointed"):
+        ckpt.restore()
+
+
+def test_offload_is_chunked(monkeypatch):
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 256)
+    worker = cpu_worker()
+    kv = worker.model_runner.kv_caches[0]
+    before = kv.clone()
+    ckpt = cw.WorkerCheckpoint(worker)
+    ckpt.offload(list(range(NUM_BLOCKS)), "zlib")
+    # 256 bytes = 2 blocks of 128: the KV went in several chunks.
+    assert len(ckpt.image.kv[0]) == NUM_BLOCKS // 2
+    assert max(c.nbytes for _, chunks in ckpt.image.weights for c in chunks) <= 256
+    ckpt.restore()
+    assert torch.equal(kv, before)
+
+
+def test_blocks_in_use_are_the_held_and_the_cached():
+    manager = make_manager()
+    pool = manager.block_pool
+    assert blocks_in_use(pool) == []
+    running = make_request(list(range(10)))  # 2 full blocks + a partial one
+    held = prefill(manager, running)
+    finished = make_request(list(range(100, 108)))  # 2 full blocks, then freed: cached
+    cached = prefill(manager, finished)
+    manager.free(finished)
+    assert sorted(blocks_in_use(pool)) == sorted(held + cached)
+    assert pool.null_block.block_id not in blocks_in_use(pool)

@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``/checkpoint`` and ``/restore`` (patch 0011 attaches the router).
+
+- ``GET /checkpoint``: state (serving, checkpointing, checkpointed, restoring), sizes
+  raw and stored, codec and ratio, each phase's seconds, GPU memory the engine holds.
+- ``POST /checkpoint`` (JSON body optional, fields of
+  :class:`~vllm.v1.checkpoint.manager.CheckpointOptions`) and ``POST /restore``.
+
+Not a dev route: the API is stable and mounted on every server. Both POSTs (and the
+GET) need ``Authorization: Bearer KEY`` where KEY is ``VLLM_HA_ADMIN_KEY`` if set,
+else one of the server's ``--api-key``s; a server without either is open, like
+upstream's routes without ``--api-key``. A call the state does not allow answers 409
+and changes nothing; generation requests that arrive while the server is not serving
+wait and are served after restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+import vllm.envs as envs
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from vllm.entrypoints.serve.mirror.api_router import _generation
+from vllm.ha import envs as ha_envs
+from vllm.v1.checkpoint.manager import (
+    CheckpointCallError,
+    CheckpointManager,
+    CheckpointOptions,
+)
+from vllm.v1.checkpoint.state import CheckpointStateError
+
+router = APIRouter()
+
+
+class CheckpointBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_kv: bool = True
+    in_flight: str = "wait"
+    codec: str = "auto"
+    release_gpu: bool = True
+    wait_timeout_s: float = 300.0
+
+
+def _manager(app: Any) -> CheckpointManager | None:
+    manager = getattr(app.state, "ha_checkpoint", None)
+    client = getattr(app.state, "engine_client", None)
+    if manager is None and client is not None:
+        manager = app.state.ha_checkpoint = CheckpointManager(client)
+    return manager
+
+
+def _admin_tokens(app: Any) -> list[bytes]:
+    if key := ha_envs.admin_key():
+        keys = [key]
+    else:
+        args = getattr(app.state, "args", None)
+        keys = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
+    return [hashlib.sha256(k.encode()).digest() for k in keys]
+
+
+def _authorized(request: Request) -> bool:
+    tokens = _admin_tokens(request.app)
+    if not tokens:
+        return True
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    digest = hashlib.sha256(key.encode()).digest()
+    ok = False
+    for t in tokens:
+        ok |= secrets.compare_digest(digest, t)
+    return ok
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+async def _call(request: Request, fn) -> JSONResponse:
+    if not _authorized(request):
+        return _error(401, "Unauthorized: /checkpoint and /restore need the admin key "
+                           "(VLLM_HA_ADMIN_KEY) or the server's API key as a Bearer token")
+    manager = _manager(request.app)
+    if manager is None:
+        return _error(503, "the engine is not up yet")
+    try:
+        return JSONResponse(await fn(manager))
+    except CheckpointStateError as e:
+        return _error(409, str(e))
+    except CheckpointCallError as e:
+        return _error(e.http_status, str(e))
+    except Exception as e:  # the phase was undone; say what failed
+        return _error(500, f"{type(e).__name__}: {e}")
+
+
+@router.get("/checkpoint")
+async def checkpoint_status(raw_request: Request) -> JSONResponse:
+    async def status(m: CheckpointManager) -> dict:
+        return m.status()
+    return await _call(raw_request, status)
+
+
+@router.post("/checkpoint")
+async def checkpoint(raw_request: Request, body: CheckpointBody | None = None
+                     ) -> JSONResponse:
+    opts = CheckpointOptions(**(body or CheckpointBody()).model_dump())
+    return await _call(raw_request, lambda m: m.checkpoint(opts))
+
+
+@router.post("/restore")
+async def restore(raw_request: Request) -> JSONResponse:
+    return await _call(raw_request, lambda m: m.restore())
+
+
+class CheckpointHoldMiddleware:
+    """Pure ASGI: while the server is not serving (checkpointing, checkpointed,
+    restoring), a generation request waits here, then goes on as if nothing happened.
+    Everything else (health, metrics, /checkpoint itself) passes."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and "app" in scope and scope["method"] == "POST"
+                and _generation(scope["path"])):
+            manager = getattr(scope["app"].state, "ha_checkpoint", None)
+            if manager is not None:
+                await manager.hold()
+        return await self.app(scope, receive, send)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)
+    app.add_middleware(CheckpointHoldMiddleware)

@@ -1,0 +1,299 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``POST /checkpoint`` and ``POST /restore`` in the API server.
+
+Checkpoint: new requests are held (never rejected) → the engine pauses, in-flight
+requests finishing first (``in_flight="wait"``) or frozen with it (``"keep"``) → every
+worker moves its weights, and the KV blocks in use if ``keep_kv``, to host memory,
+compressed on the GPU, and gives its device memory up (sleep-mode allocator) → the
+driver checkpoints each worker process, so the GPU holds nothing of it.
+Restore runs the same steps backwards and lets the held requests through.
+
+Every step that fails undoes the ones before it: a failed checkpoint leaves the server
+serving as before, a failed restore leaves it checkpointed (retry the restore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from vllm.logger import init_logger
+
+from vllm.ha import envs as ha_envs
+from vllm.v1.checkpoint.driver import (
+    DriverCheckpoint,
+    DriverCheckpointUnavailable,
+    gpu_memory_mib,
+)
+from vllm.v1.checkpoint.state import CheckpointLifecycle, CheckpointState
+from vllm.v1.worker.checkpoint_worker import CODECS
+
+logger = init_logger(__name__)
+
+
+
+class CheckpointCallError(RuntimeError):
+    """A call refused before anything changed, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+@dataclass
+class CheckpointOptions:
+    keep_kv: bool = True
+    """Keep the KV blocks in use (and so the prefix cache); False drops them."""
+    in_flight: Literal["wait", "keep"] = "wait"
+    """``wait``: running requests finish first; ``keep``: they are checkpointed with
+    the engine and continue after restore."""
+    codec: str = "auto"
+    """auto (nvCOMP ANS on CUDA, zlib on CPU), ans, gdeflate, zlib or none."""
+    release_gpu: bool = True
+    """Driver checkpoint after the offload (CUDA): the GPU holds 0 bytes of the
+    engine. False stops at the offload (the process keeps its CUDA context)."""
+    wait_timeout_s: float = 300.0
+    """With ``in_flight="wait"``: give up (and keep serving) after this long."""
+
+    def validate(self) -> None:
+        if self.in_flight not in ("wait", "keep"):
+            raise CheckpointCallError(400, "in_flight must be 'wait' or 'keep'")
+        if self.codec not in CODECS:
+            raise CheckpointCallError(400, f"codec must be one of {', '.join(CODECS)}")
+        if not self.wait_timeout_s > 0:
+            raise CheckpointCallError(400, "wait_timeout_s must be > 0")
+        if self.codec in ("ans", "gdeflate") and not CheckpointManager._on_cuda():
+            raise CheckpointCallError(
+                400, f"codec {self.codec!r} is nvCOMP, which needs a CUDA device; "
+                "use auto, zlib or none")
+
+
+class CheckpointMetrics:
+    _instance: CheckpointMetrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Gauge, Histogram
+
+        self.state = Gauge("vllm:checkpoint_state",
+                           "1 for the server's checkpoint state", ["state"])
+        self.phase = Histogram("vllm:checkpoint_phase_seconds",
+                               "Duration of each checkpoint/restore phase", ["phase"],
+                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+        self.host_bytes = Gauge("vllm:checkpoint_host_bytes",
+                                "Bytes a checkpointed engine keeps in host memory",
+                                ["part", "form"])
+        self.held = Gauge("vllm:checkpoint_requests_held",
+                          "Requests waiting for the server to serve again")
+
+    @classmethod
+    def get(cls) -> CheckpointMetrics:
+        # One per process: prometheus refuses a second registration of a name.
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def set_state(self, state: CheckpointState) -> None:
+        for s in CheckpointState:
+            self.state.labels(state=s.value).set(1 if s is state else 0)
+
+
+class CheckpointManager:
+    """Drives one server's checkpoint lifecycle (one per API server process)."""
+
+    def __init__(self, engine_client: Any) -> None:
+        self.client = engine_client
+        self.lifecycle = CheckpointLifecycle()
+        self.metrics = CheckpointMetrics.get()
+        self.metrics.set_state(self.lifecycle.state)
+        self.options: CheckpointOptions | None = None
+        self.sizes: dict[str, int] = {}
+        self.codec: str | None = None
+        self.phases: dict[str, float] = {}
+        self.pids: list[int] = []
+        self.released: list[int] = []  # pids the driver checkpointed
+        self.cycles = 0
+        self.held = 0
+        self._driver: DriverCheckpoint | None = None
+
+    # -- helpers --------------------------------------------------------------------
+
+    async def _utility(self, method: str, *args: Any) -> Any:
+        return await self.client.engine_core.call_utility_async(method, *args)
+
+    def _driver_or_raise(self) -> DriverCheckpoint:
+        if self._driver is None:
+            try:
+                self._driver = DriverCheckpoint()
+            except DriverCheckpointUnavailable as e:
+                raise CheckpointCallError(
+                    501, f"the driver checkpoint API is not available: {e}; "
+                    "use release_gpu=false to offload without releasing the GPU") from None
+        return self._driver
+
+    @staticmethod
+    def _on_cuda() -> bool:
+        from vllm.platforms import current_platform
+        return current_platform.is_cuda()
+
+    def _phase(self, name: str, start: float) -> float:
+        now = time.perf_counter()
+        self.phases[name] = now - start
+        self.metrics.phase.labels(phase=name).observe(now - start)
+        return now
+
+    def _transition(self, phase: str, ok: bool, error: str | None = None) -> None:
+        self.lifecycle.finish(phase, ok=ok, error=error)
+        self.metrics.set_state(self.lifecycle.state)
+
+    # -- requests held while not serving ------------------------------------------------
+
+    async def hold(self) -> None:
+        """Wait (a generation request) until the server serves."""
+        if self.lifecycle.accepting:
+            return
+        self.held += 1
+        self.metrics.held.set(self.held)
+        try:
+            await self.lifecycle.wait_serving()
+        finally:
+            self.held -= 1
+            self.metrics.held.set(self.held)
+
+    # -- the two calls --------------------------------------------------------------------
+
+    async def checkpoint(self, opts: CheckpointOptions) -> dict[str, Any]:
+        opts.validate()
+        self._refuse_unsupported()
+        self.lifecycle.begin("checkpoint")  # 409 unless serving
+        self.metrics.set_state(self.lifecycle.state)
+        self.phases = {}
+        try:
+            await self._checkpoint(opts)
+        except BaseException as e:
+            self._transition("checkpoint", ok=False, error=str(e))
+            logger.error("Checkpoint failed, serving again: %s", e)
+            raise
+        self._transition("checkpoint", ok=True)
+        self.cycles += 1
+        return self.status()
+
+    def _refuse_unsupported(self) -> None:
+        if getattr(self.client, "mirror", None) is not None:
+            raise CheckpointCallError(
+                409, "/checkpoint is not supported together with --mirror-peer yet")
+        if getattr(self.client, "errored", False):
+            raise CheckpointCallError(503, "the engine is dead; nothing to checkpoint")
+
+    async def _checkpoint(self, opts: CheckpointOptions) -> None:
+        t0 = time.perf_counter()
+        driver = self._driver_or_raise() if opts.release_gpu and self._on_cuda() else None
+        plan = await self._utility("checkpoint_plan", opts.keep_kv)
+        self._check_host_memory(plan)
+        t = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                self.client.pause_generation(mode=opts.in_flight, clear_cache=False),
+                opts.wait_timeout_s)
+        except asyncio.TimeoutError:
+            await self.client.resume_generation()
+            raise CheckpointCallError(
+                504, f"in-flight requests did not finish within {opts.wait_timeout_s} s; "
+                "still serving (retry, or use in_flight=keep)") from None
+        t = self._phase("pause", t)
+        try:
+            result = await self._utility("checkpoint_offload", opts.keep_kv, opts.codec)
+        except BaseException:
+            await self.client.resume_generation()
+            raise
+        t = self._phase("offload", t)
+        workers = result["workers"]
+        self.pids = sorted({w["pid"] for w in workers})
+        self.codec = workers[0]["codec"] if workers else None
+        self.sizes = {k: sum(w[k] for w in workers)
+                      for k in ("weights_raw", "weights_stored", "kv_raw", "kv_stored")}
+        self.sizes["kv_blocks"] = result["kv_blocks"]
+        for part in ("weights", "kv"):
+            for form in ("raw", "stored"):
+                self.metrics.host_bytes.labels(part=part, form=form).set(
+                    self.sizes[f"{part}_{form}"])
+        self.released = []
+        if driver is not None:
+            try:
+                for pid in self.pids:
+                    await asyncio.to_thread(driver.checkpoint, pid)
+                    self.released.append(pid)
+            except BaseException:
+                await self._undo_release(driver)
+                raise
+            t = self._phase("release", t)
+        self.options = opts
+        self.phases["total"] = time.perf_counter() - t0
+        logger.info("Checkpointed in %.2f s (%s); GPU %s", self.phases["total"],
+                    ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()),
+                    "released" if self.released else "not released")
+
+    async def _undo_release(self, driver: DriverCheckpoint) -> None:
+        for pid in self.released:
+            await asyncio.to_thread(driver.restore, pid)
+        self.released = []
+        await self._utility("checkpoint_restore")
+        await self.client.resume_generation()
+
+    def _check_host_memory(self, plan: dict[str, Any]) -> None:
+        import psutil
+
+        need = plan["weights_raw"] + plan["kv_raw"]  # worst case: nothing compresses
+        free = psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+        if need > free:
+            raise CheckpointCallError(
+                507, f"not enough host memory: the checkpoint needs up to "
+                f"{need / 2**30:.2f} GiB, {max(free, 0) / 2**30:.2f} GiB is available "
+                "(keep_kv=false needs less); still serving")
+
+    async def restore(self) -> dict[str, Any]:
+        self.lifecycle.begin("restore")  # 409 unless checkpointed
+        self.metrics.set_state(self.lifecycle.state)
+        self.phases = {k: v for k, v in self.phases.items()
+                       if k in ("pause", "offload", "release", "total")}
+        t0 = t = time.perf_counter()
+        try:
+            if self.released:
+                driver = self._driver_or_raise()
+                for pid in list(self.released):
+                    await asyncio.to_thread(driver.restore, pid)
+                    self.released.remove(pid)
+                t = self._phase("driver_restore", t)
+            await self._utility("checkpoint_restore")
+            t = self._phase("reload", t)
+            await self.client.resume_generation()
+            t = self._phase("resume", t)
+        except BaseException as e:
+            self._transition("restore", ok=False, error=str(e))
+            logger.error("Restore failed, still checkpointed (retry POST /restore): %s", e)
+            raise
+        self.phases["restore_total"] = t - t0
+        self._transition("restore", ok=True)
+        logger.info("Restored in %.2f s", self.phases["restore_total"])
+        return self.status()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        sizes = dict(self.sizes)
+        raw = sizes.get("weights_raw", 0) + sizes.get("kv_raw", 0)
+        stored = sizes.get("weights_stored", 0) + sizes.get("kv_stored", 0)
+        return {
+            **self.lifecycle.to_json(),
+            "options": asdict(self.options) if self.options else None,
+            "codec": self.codec,
+            "sizes": sizes,
+            "ratio": round(raw / stored, 3) if stored else None,
+            "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
+            "pids": self.pids,
+            "gpu_released": bool(self.released),
+            "gpu_memory_mib": gpu_memory_mib(self.pids) if self.pids else None,
+            "requests_held": self.held,
+            "cycles": self.cycles,
+        }

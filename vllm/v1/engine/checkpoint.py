@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: Apache-2.0
+"""EngineCore utility methods of ``POST /checkpoint`` / ``POST /restore``.
+
+The API server's :class:`~vllm.v1.checkpoint.manager.CheckpointManager` pauses the
+scheduler first (upstream's ``pause_generation``, cache kept), then calls these
+through ``call_utility_async``. The scheduler's state (requests, BlockPool, prefix
+cache hash map) lives in this process's host memory and is untouched by a checkpoint;
+only device bytes leave and come back, so the prefix cache is valid after restore
+exactly when the KV blocks were kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm.v1.worker.checkpoint_worker import (
+    rpc_checkpoint_offload,
+    rpc_checkpoint_plan,
+    rpc_checkpoint_restore,
+)
+
+logger = init_logger(__name__)
+
+
+def blocks_in_use(block_pool: Any) -> list[int]:
+    """Blocks a running request holds or the prefix cache can serve (the null block
+    and free, never-hashed blocks carry nothing)."""
+    null = getattr(block_pool, "null_block", None)
+    return [b.block_id for b in block_pool.blocks
+            if b is not null and (b.ref_cnt > 0 or b.block_hash is not None)]
+
+
+class EngineCoreCheckpointMixin:
+    """``checkpoint_*`` utilities (patch 0006 makes them EngineCore's)."""
+
+    def _checkpoint_blocks(self, keep_kv: bool) -> list[int]:
+        if not keep_kv:
+            return []
+        return blocks_in_use(self.scheduler.kv_cache_manager.block_pool)  # type: ignore
+
+    def checkpoint_plan(self, keep_kv: bool) -> dict[str, Any]:
+        """Bytes a checkpoint would keep in host memory (before compression)."""
+        blocks = self._checkpoint_blocks(keep_kv)
+        plans = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_checkpoint_plan, args=(blocks,))
+        return {"kv_blocks": len(blocks),
+                "weights_raw": sum(p["weights_raw"] for p in plans),
+                "kv_raw": sum(p["kv_raw"] for p in plans)}
+
+    def checkpoint_offload(self, keep_kv: bool, codec: str) -> dict[str, Any]:
+        """Every worker moves its weights (and the KV blocks in use) to host memory and
+        gives up its device memory. Without ``keep_kv`` the prefix cache is reset and
+        running requests are preempted (recomputed after restore)."""
+        if getattr(self.scheduler, "mirror", None) is not None:  # type: ignore
+            raise RuntimeError("/checkpoint is not supported with --mirror-peer yet")
+        if not keep_kv:
+            self.scheduler.reset_prefix_cache(  # type: ignore[attr-defined]
+                reset_running_requests=True)
+        blocks = self._checkpoint_blocks(keep_kv)
+        workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_checkpoint_offload, args=(blocks, codec))
+        return {"kv_blocks": len(blocks), "workers": workers}
+
+    def checkpoint_restore(self) -> dict[str, Any]:
+        """Every worker maps its device memory again and writes the bytes back."""
+        workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_checkpoint_restore)
+        return {"workers": workers}

@@ -1,0 +1,359 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Worker side of ``POST /checkpoint``: device bytes to compressed host memory and back.
+
+A checkpoint keeps, in host memory, what the engine needs to serve again exactly as
+before: every byte of the weights and, if asked, the KV blocks in use (the caller
+names them; free blocks are not copied). Bytes are compressed where they live, on the
+GPU with nvCOMP, before they cross PCIe (:mod:`vllm.v1.checkpoint.byteplane`). Then the
+device memory is released:
+
+- CUDA: the sleep-mode allocator (``--enable-sleep-mode``) unmaps every allocation of
+  its pool but keeps the virtual addresses, so CUDA graphs and compiled kernels stay
+  valid; restore maps them again and writes the bytes back. What remains on the GPU
+  (context, graph pools, workspaces) is what the driver checkpoint then copies.
+- CPU: nothing to release; the tensors are zeroed instead, so a restore that failed to
+  write a byte back could not go unnoticed (the CPU build tests this path).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from vllm.logger import init_logger
+
+from vllm.v1.checkpoint.byteplane import (
+    ByteplaneCodec,
+    EncodedTensor,
+    NvcompPlaneCodec,
+    ZlibPlaneCodec,
+)
+from vllm.v1.worker.kv_mirror_transport import unique_tensors
+
+logger = init_logger(__name__)
+
+# Regions are encoded in chunks: bounded temporary device memory, and nvCOMP is as
+# fast on 128 MiB as on more.
+CHUNK_BYTES = 128 << 20
+
+CODECS = ("auto", "ans", "gdeflate", "zlib", "none")
+
+
+class CheckpointWorkerError(RuntimeError):
+    pass
+
+
+def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
+    """``auto``: nvCOMP ANS on CUDA (the fastest decode at the best ratio measured on
+    the H100, benchmarks/RESULTS.md "byte-plane compression"), zlib on CPU. ``none``:
+    bytes are stored raw."""
+    if name not in CODECS:
+        raise CheckpointWorkerError(f"unknown codec {name!r}; one of {', '.join(CODECS)}")
+    if name == "none":
+        return None
+    if name == "auto":
+        name = "ans" if device.type == "cuda" else "zlib"
+    if name == "zlib":
+        return ByteplaneCodec(ZlibPlaneCodec(level=1))
+    if device.type != "cuda":
+        raise CheckpointWorkerError(f"codec {name!r} is nvCOMP, which needs a CUDA device")
+    return ByteplaneCodec(NvcompPlaneCodec("ANS" if name == "ans" else "GDeflate"))
+
+
+@dataclass
+class HostChunk:
+    """One chunk of a region, in host memory."""
+
+    offset: int
+    nbytes: int
+    planes: EncodedTensor | None = None  # None: raw bytes in ``raw``
+    raw: torch.Tensor | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.planes.stored_bytes if self.planes is not None else self.nbytes
+
+
+@dataclass
+class HostImage:
+    """Everything one worker keeps in host memory while checkpointed."""
+
+    codec: str
+    weights: list[tuple[int, list[HostChunk]]] = field(default_factory=list)
+    kv_block_ids: list[int] = field(default_factory=list)
+    kv: list[list[HostChunk]] = field(default_factory=list)  # per KV allocation
+
+    def sizes(self) -> dict[str, int]:
+        def raw(chunks):
+            return sum(c.nbytes for c in chunks)
+
+        def stored(chunks):
+            return sum(c.stored_bytes for c in chunks)
+
+        w = [c for _, chunks in self.weights for c in chunks]
+        k = [c for chunks in self.kv for c in chunks]
+        return {"weights_raw": raw(w), "weights_stored": stored(w),
+                "kv_raw": raw(k), "kv_stored": stored(k)}
+
+
+class DeviceMemory(Protocol):
+    """Where the weights live and how their memory is given up and taken back."""
+
+    releases_memory: bool
+
+    def weight_regions(self) -> list[torch.Tensor]:
+        """Flat uint8 views of every byte the weights occupy."""
+
+    def release(self, kv_caches: list[torch.Tensor]) -> None: ...
+
+    def reacquire(self) -> None: ...
+
+
+class _DevicePointer:
+    """A raw device range as an array torch can view without copying."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, False), "version": 3}
+
+
+class SleepAllocatorMemory:
+    """CUDA: the allocations of upstream's sleep-mode allocator (``CuMemAllocator``)."""
+
+    releases_memory = True
+
+    def __init__(self, device: torch.device) -> None:
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        self.allocator = CuMemAllocator.get_instance()
+        self.device = device
+        tags = {d.tag for d in self.allocator.pointer_to_data.values()}
+        if "weights" not in tags:
+            raise CheckpointWorkerError(
+                "the weights are not in the sleep-mode allocator's pool: start the server "
+                "with --enable-sleep-mode to use /checkpoint on CUDA")
+
+    def weight_regions(self) -> list[torch.Tensor]:
+        return [torch.as_tensor(_DevicePointer(ptr, d.handle[1]), device=self.device)
+                for ptr, d in sorted(self.allocator.pointer_to_data.items())
+                if d.tag == "weights"]
+
+    def release(self, kv_caches: list[torch.Tensor]) -> None:
+        # Nothing is offloaded by the allocator: the bytes worth keeping are already
+        # in host memory, compressed.
+        self.allocator.sleep(offload_tags=())
+
+    def reacquire(self) -> None:
+        self.allocator.wake_up(None)
+
+
+class TensorMemory:
+    """Any device: the model's parameters and buffers, zeroed instead of released."""
+
+    releases_memory = False
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def weight_regions(self) -> list[torch.Tensor]:
+        tensors = [t for _, t in self.model.named_parameters(remove_duplicate=False)]
+        tensors += [t for _, t in self.model.named_buffers(remove_duplicate=False)]
+        return unique_tensors(t for t in tensors if t.numel())
+
+    def release(self, kv_caches: list[torch.Tensor]) -> None:
+        for t in self.weight_regions() + unique_tensors(kv_caches):
+            t.zero_()
+
+    def reacquire(self) -> None:
+        pass
+
+
+def _encode(codec: ByteplaneCodec | None, chunk: torch.Tensor, offset: int,
+            pin: bool) -> HostChunk:
+    n = chunk.numel()
+    if codec is None:
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+        host.copy_(chunk, non_blocking=pin)
+        return HostChunk(offset, n, raw=host)
+    # Two planes (sign+exponent, mantissa) for the 16-bit data that dominates weights
+    # and KV; the split is a permutation, so any bytes round-trip exactly.
+    view = chunk.view(torch.int16) if n % 2 == 0 else chunk
+    enc = codec.encode(view)
+    for p in enc.planes:
+        host = torch.empty(p.data.numel(), dtype=torch.uint8, pin_memory=pin)
+        host.copy_(p.data, non_blocking=pin)
+        p.data = host
+    return HostChunk(offset, n, planes=enc)
+
+
+def _decode_into(codec: ByteplaneCodec | None, chunk: HostChunk, out: torch.Tensor) -> None:
+    if chunk.planes is None:
+        out.copy_(chunk.raw, non_blocking=True)
+        return
+    enc = chunk.planes
+    size = len(enc.planes)
+    cols = out.view(-1, size)
+    for i, p in enumerate(enc.planes):
+        data = p.data.to(out.device, non_blocking=True)
+        plane = codec.codec.decode(data, p.nbytes) if p.compressed else data
+        cols[:, size - 1 - i].copy_(plane)
+
+
+def _chunks(region: torch.Tensor):
+    for off in range(0, region.numel(), CHUNK_BYTES):
+        yield off, region[off:off + CHUNK_BYTES]
+
+
+class WorkerCheckpoint:
+    """One worker's checkpoint: offload + release, then reacquire + restore."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.device = torch.device(getattr(worker, "device", "cpu"))
+        self.image: HostImage | None = None
+        self._memory: DeviceMemory | None = None
+
+    def _kv_caches(self) -> list[torch.Tensor]:
+        kv = getattr(self.worker.model_runner, "kv_caches", None) or []
+        return list(kv.values()) if isinstance(kv, dict) else list(kv)
+
+    def _make_memory(self) -> DeviceMemory:
+        if self.device.type == "cuda":
+            return SleepAllocatorMemory(self.device)
+        return TensorMemory(self.worker.model_runner.model)
+
+    def plan(self, kv_block_ids: list[int]) -> dict[str, int]:
+        """Raw bytes a checkpoint would keep (the host memory it needs at most)."""
+        memory = self._make_memory()
+        weights = sum(r.numel() for r in memory.weight_regions())
+        kv = unique_tensors(self._kv_caches())
+        num_blocks = self._num_blocks()
+        per_block = sum(t.numel() // num_blocks for t in kv) if num_blocks else 0
+        return {"weights_raw": weights, "kv_raw": per_block * len(kv_block_ids)}
+
+    def _num_blocks(self) -> int:
+        return int(self.worker.vllm_config.cache_config.num_gpu_blocks or 0)
+
+    @torch.inference_mode()
+    def offload(self, kv_block_ids: list[int], codec_name: str) -> dict[str, Any]:
+        if self.image is not None:
+            raise CheckpointWorkerError("this worker is already checkpointed")
+        t0 = time.perf_counter()
+        memory = self._make_memory()
+        codec = make_codec(codec_name, self.device)
+        pin = self.device.type == "cuda"
+        image = HostImage(codec=codec.codec.name if codec else "none",
+                          kv_block_ids=list(kv_block_ids))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for region in memory.weight_regions():
+            image.weights.append((region.data_ptr(), [
+                _encode(codec, c, off, pin) for off, c in _chunks(region)]))
+        t_weights = time.perf_counter()
+        kv_caches = self._kv_caches()
+        if kv_block_ids:
+            ids = torch.tensor(kv_block_ids, dtype=torch.long, device=self.device)
+            num_blocks = self._num_blocks()
+            for t in unique_tensors(kv_caches):
+                blocks = t.view(num_blocks, -1)
+                rows = max(1, CHUNK_BYTES // blocks.shape[1])
+                chunks = []
+                for start in range(0, len(kv_block_ids), rows):
+                    gathered = blocks.index_select(0, ids[start:start + rows]).view(-1)
+                    chunks.append(_encode(codec, gathered, start, pin))
+                image.kv.append(chunks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_kv = time.perf_counter()
+        memory.release(kv_caches)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        t_release = time.perf_counter()
+        self.image, self._memory = image, memory
+        sizes = image.sizes()
+        logger.info(
+            "Checkpoint: %.2f GiB of weights -> %.2f GiB, %d KV blocks %.2f -> %.2f GiB "
+            "in host memory (%s); device memory %s in %.2f s",
+            sizes["weights_raw"] / 2**30, sizes["weights_stored"] / 2**30,
+            len(kv_block_ids), sizes["kv_raw"] / 2**30, sizes["kv_stored"] / 2**30,
+            image.codec, "released" if memory.releases_memory else "zeroed (CPU)",
+            t_release - t0)
+        return {"pid": os.getpid(), "device": str(self.device), "codec": image.codec,
+                "releases_memory": memory.releases_memory, **sizes,
+                "kv_blocks": len(kv_block_ids),
+                "seconds": {"weights": t_weights - t0, "kv": t_kv - t_weights,
+                            "release": t_release - t_kv}}
+
+    @torch.inference_mode()
+    def restore(self) -> dict[str, Any]:
+        if self.image is None or self._memory is None:
+            raise CheckpointWorkerError("this worker is not checkpointed")
+        image, memory = self.image, self._memory
+        codec = None if image.codec == "none" else make_codec(
+            "zlib" if image.codec.startswith("zlib") else
+            ("gdeflate" if "gdeflate" in image.codec else "ans"), self.device)
+        t0 = time.perf_counter()
+        memory.reacquire()
+        t_map = time.perf_counter()
+        regions = {r.data_ptr(): r for r in memory.weight_regions()}
+        for ptr, chunks in image.weights:
+            region = regions.get(ptr)
+            if region is None:
+                raise CheckpointWorkerError(f"weights region at {ptr:#x} is gone")
+            for c in chunks:
+                _decode_into(codec, c, region[c.offset:c.offset + c.nbytes])
+        t_weights = time.perf_counter()
+        post = getattr(self.worker.model_runner, "post_kv_cache_wake_up", None)
+        if memory.releases_memory and post is not None:
+            post()  # what upstream's wake_up does for KV memory mapped again
+        if image.kv_block_ids:
+            num_blocks = self._num_blocks()
+            ids = torch.tensor(image.kv_block_ids, dtype=torch.long, device=self.device)
+            for t, chunks in zip(unique_tensors(self._kv_caches()), image.kv):
+                blocks = t.view(num_blocks, -1)
+                for c in chunks:
+                    rows = c.nbytes // blocks.shape[1]
+                    staging = torch.empty(c.nbytes, dtype=torch.uint8, device=self.device)
+                    _decode_into(codec, c, staging)
+                    blocks.index_copy_(0, ids[c.offset:c.offset + rows],
+                                       staging.view(rows, -1))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_kv = time.perf_counter()
+        self.image = self._memory = None
+        return {"pid": os.getpid(), "seconds": {"map": t_map - t0,
+                                                "weights": t_weights - t_map,
+                                                "kv": t_kv - t_weights}}
+
+    def discard(self) -> None:
+        """Forget the host image (after a restore failed beyond repair)."""
+        self.image = self._memory = None
+
+
+# -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
+
+
+def _state(worker: Any) -> WorkerCheckpoint:
+    worker = getattr(worker, "worker", None) or worker
+    ckpt = getattr(worker, "ha_checkpoint", None)
+    if ckpt is None:
+        ckpt = worker.ha_checkpoint = WorkerCheckpoint(worker)
+    return ckpt
+
+
+def rpc_checkpoint_plan(worker: Any, kv_block_ids: list[int]) -> dict[str, int]:
+    return _state(worker).plan(kv_block_ids)
+
+
+def rpc_checkpoint_offload(worker: Any, kv_block_ids: list[int], codec: str
+                           ) -> dict[str, Any]:
+    return _state(worker).offload(kv_block_ids, codec)
+
+
+def rpc_checkpoint_restore(worker: Any) -> dict[str, Any]:
+    return _state(worker).restore()
