@@ -81,6 +81,11 @@ def gpu_mib(pids: list[int]) -> int | None:
     return gpu_memory_mib(pids)
 
 
+def device_mib() -> int | None:
+    from vllm.v1.checkpoint.driver import device_used_mib
+    return device_used_mib()
+
+
 def rss_gib(pids: list[int]) -> float:
     import psutil
     return round(sum(psutil.Process(p).memory_info().rss for p in pids) / 2**30, 3)
@@ -116,6 +121,7 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
             driver.checkpoint(pid)
     out["release_s"] = round(time.monotonic() - t0, 3)
     out["gpu_mib_released"] = gpu_mib(pids)
+    out["device_used_mib_released"] = device_mib()
     out["host_rss_gib_released"] = rss_gib(pids)
     out["host_rss_gib_serving"] = rss_before
     # The request waits while released: the measured figure is restore → its first token.
@@ -177,6 +183,7 @@ def main() -> None:
         r.raise_for_status()
         ref = r.json()["choices"][0]["token_ids"]
         result["gpu_mib_awake"] = gpu_mib(engine_pids(server))
+        result["device_used_mib_awake"] = device_mib()
         for mode in a.modes:
             for t in texts:  # the prefix cache holds every prompt before each mode
                 requests.post(server.url + "/v1/completions", json={

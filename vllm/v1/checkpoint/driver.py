@@ -92,6 +92,26 @@ class DriverCheckpoint:
         return out
 
 
+def device_used_mib() -> int | None:
+    """Memory in use on every GPU together (NVML): what nvidia-smi's total shows,
+    independent of process ids (which a container's pid namespace may not match)."""
+    try:
+        from vllm.third_party import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
+                   for i in range(pynvml.nvmlDeviceGetCount())) >> 20
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def gpu_memory_mib(pids: list[int]) -> int | None:
     """GPU memory the given processes hold (NVML), None where NVML is not available."""
     try:

@@ -25,6 +25,7 @@ from vllm.ha import envs as ha_envs
 from vllm.v1.checkpoint.driver import (
     DriverCheckpoint,
     DriverCheckpointUnavailable,
+    device_used_mib,
     gpu_memory_mib,
 )
 from vllm.v1.checkpoint.state import CheckpointLifecycle, CheckpointState
@@ -294,6 +295,7 @@ class CheckpointManager:
             "pids": self.pids,
             "gpu_released": bool(self.released),
             "gpu_memory_mib": gpu_memory_mib(self.pids) if self.pids else None,
+            "gpu_device_used_mib": device_used_mib(),
             "requests_held": self.held,
             "cycles": self.cycles,
         }

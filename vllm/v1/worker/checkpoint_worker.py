@@ -187,7 +187,15 @@ def _encode(codec: ByteplaneCodec | None, chunk: torch.Tensor, offset: int,
         host = torch.empty(p.data.numel(), dtype=torch.uint8, pin_memory=pin)
         host.copy_(p.data, non_blocking=pin)
         p.data = host
+    _settle(chunk)
     return HostChunk(offset, n, planes=enc)
+
+
+def _settle(t: torch.Tensor) -> None:
+    """Wait for the chunk's copies before its device buffers go: nvCOMP's outputs are
+    freed outside torch's stream-ordered caching allocator."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 def _decode_into(codec: ByteplaneCodec | None, chunk: HostChunk, out: torch.Tensor) -> None:
@@ -201,6 +209,7 @@ def _decode_into(codec: ByteplaneCodec | None, chunk: HostChunk, out: torch.Tens
         data = p.data.to(out.device, non_blocking=True)
         plane = codec.codec.decode(data, p.nbytes) if p.compressed else data
         cols[:, size - 1 - i].copy_(plane)
+    _settle(out)
 
 
 def _chunks(region: torch.Tensor):
