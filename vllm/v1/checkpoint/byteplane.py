@@ -27,6 +27,8 @@ logger = init_logger(__name__)
 
 # A compressed plane must save at least this fraction of its size to be kept.
 MIN_SAVING = 0.02
+# Planes smaller than this are stored raw (nvCOMP also wants 16-byte aligned input).
+MIN_PLANE_BYTES = 4096
 
 
 class PlaneCodec(Protocol):
@@ -133,6 +135,9 @@ class ByteplaneCodec:
     def encode(self, t: torch.Tensor) -> EncodedTensor:
         enc = EncodedTensor(t.dtype, tuple(t.shape), self.codec.name)
         for plane in self.split(t):
+            if plane.numel() < MIN_PLANE_BYTES:  # not worth a kernel (nor aligned)
+                enc.planes.append(EncodedPlane(False, plane, plane.numel()))
+                continue
             packed = self.codec.encode(plane)
             if packed.numel() <= plane.numel() * (1 - self.min_saving):
                 enc.planes.append(EncodedPlane(True, packed, plane.numel()))

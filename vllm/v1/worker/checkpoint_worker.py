@@ -2,8 +2,9 @@
 """Worker side of ``POST /checkpoint``: device bytes to compressed host memory and back.
 
 A checkpoint keeps, in host memory, what the engine needs to serve again exactly as
-before: every byte of the weights and, if asked, the KV blocks in use (the caller
-names them; free blocks are not copied). Bytes are compressed where they live, on the
+before: every byte of the weights and of the other device state the release loses
+(the V2 runner's block tables live in the KV pool) and, if asked, the KV blocks in use
+(the caller names them; free blocks are not copied). Bytes are compressed where they live, on the
 GPU with nvCOMP, before they cross PCIe (:mod:`vllm.v1.checkpoint.byteplane`). Then the
 device memory is released:
 
@@ -105,8 +106,9 @@ class DeviceMemory(Protocol):
 
     releases_memory: bool
 
-    def weight_regions(self) -> list[torch.Tensor]:
-        """Flat uint8 views of every byte the weights occupy."""
+    def regions(self, kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Flat uint8 views of every byte kept whole: the weights, and device state
+        the release loses that is not KV blocks (kept per block, only those in use)."""
 
     def release(self, kv_caches: list[torch.Tensor]) -> None: ...
 
@@ -137,10 +139,19 @@ class SleepAllocatorMemory:
                 "the weights are not in the sleep-mode allocator's pool: start the server "
                 "with --enable-sleep-mode to use /checkpoint on CUDA")
 
-    def weight_regions(self) -> list[torch.Tensor]:
-        return [torch.as_tensor(_DevicePointer(ptr, d.handle[1]), device=self.device)
-                for ptr, d in sorted(self.allocator.pointer_to_data.items())
-                if d.tag == "weights"]
+    def regions(self, kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
+        # The kv_cache pool holds more than KV blocks (the V2 runner's block tables,
+        # for one): an allocation that is not exactly a KV cache tensor is kept whole,
+        # or a request frozen with the engine would resume on garbage block tables.
+        kv = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+              for t in kv_caches}
+        keep = []
+        for ptr, d in sorted(self.allocator.pointer_to_data.items()):
+            size = d.handle[1]
+            only_kv = d.tag == "kv_cache" and ptr in kv and size - kv[ptr] < (2 << 20)
+            if d.tag == "weights" or (d.tag == "kv_cache" and not only_kv):
+                keep.append(torch.as_tensor(_DevicePointer(ptr, size), device=self.device))
+        return keep
 
     def release(self, kv_caches: list[torch.Tensor]) -> None:
         # Nothing is offloaded by the allocator: the bytes worth keeping are already
@@ -159,13 +170,13 @@ class TensorMemory:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
-    def weight_regions(self) -> list[torch.Tensor]:
+    def regions(self, kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
         tensors = [t for _, t in self.model.named_parameters(remove_duplicate=False)]
         tensors += [t for _, t in self.model.named_buffers(remove_duplicate=False)]
         return unique_tensors(t for t in tensors if t.numel())
 
     def release(self, kv_caches: list[torch.Tensor]) -> None:
-        for t in self.weight_regions() + unique_tensors(kv_caches):
+        for t in self.regions(kv_caches) + unique_tensors(kv_caches):
             t.zero_()
 
     def reacquire(self) -> None:
@@ -238,7 +249,7 @@ class WorkerCheckpoint:
     def plan(self, kv_block_ids: list[int]) -> dict[str, int]:
         """Raw bytes a checkpoint would keep (the host memory it needs at most)."""
         memory = self._make_memory()
-        weights = sum(r.numel() for r in memory.weight_regions())
+        weights = sum(r.numel() for r in memory.regions(self._kv_caches()))
         kv = unique_tensors(self._kv_caches())
         num_blocks = self._num_blocks()
         per_block = sum(t.numel() // num_blocks for t in kv) if num_blocks else 0
@@ -259,11 +270,11 @@ class WorkerCheckpoint:
                           kv_block_ids=list(kv_block_ids))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        for region in memory.weight_regions():
+        kv_caches = self._kv_caches()
+        for region in memory.regions(kv_caches):
             image.weights.append((region.data_ptr(), [
                 _encode(codec, c, off, pin) for off, c in _chunks(region)]))
         t_weights = time.perf_counter()
-        kv_caches = self._kv_caches()
         if kv_block_ids:
             ids = torch.tensor(kv_block_ids, dtype=torch.long, device=self.device)
             num_blocks = self._num_blocks()
@@ -309,17 +320,17 @@ class WorkerCheckpoint:
         t0 = time.perf_counter()
         memory.reacquire()
         t_map = time.perf_counter()
-        regions = {r.data_ptr(): r for r in memory.weight_regions()}
+        regions = {r.data_ptr(): r for r in memory.regions(self._kv_caches())}
         for ptr, chunks in image.weights:
             region = regions.get(ptr)
             if region is None:
                 raise CheckpointWorkerError(f"weights region at {ptr:#x} is gone")
             for c in chunks:
                 _decode_into(codec, c, region[c.offset:c.offset + c.nbytes])
+        # Every byte of the pool is back (KV blocks below), so upstream's
+        # post_kv_cache_wake_up (which re-zeroes fp8 KV and resets its scales) must not
+        # run: it would undo the restore.
         t_weights = time.perf_counter()
-        post = getattr(self.worker.model_runner, "post_kv_cache_wake_up", None)
-        if memory.releases_memory and post is not None:
-            post()  # what upstream's wake_up does for KV memory mapped again
         if image.kv_block_ids:
             num_blocks = self._num_blocks()
             ids = torch.tensor(image.kv_block_ids, dtype=torch.long, device=self.device)
