@@ -208,7 +208,10 @@ def start_streams(server: RemoteServer, prompts: list[str], n: int
 
 
 def test_in_flight_keep_continues_after_restore(server):
-    n = 900
+    # On a GPU the streams run ~20x faster, so fewer tokens still keep the engine busy
+    # long past the freeze, and fewer tokens meet fewer bf16 near-ties (two tokens
+    # whose logits tie flip between any two runs, checkpoint or not: seen at ~750).
+    n = 300 if ON_CUDA else 900
     prompts = [f"a long stream frozen with the engine {i}" for i in range(4)]
     # The reference runs the four together too: on a GPU, bf16 greedy decoding may
     # depend on the batch a request runs in.
