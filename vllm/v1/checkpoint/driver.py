@@ -92,13 +92,29 @@ class DriverCheckpoint:
         return out
 
 
-def device_used_mib() -> int | None:
-    """Memory in use on every GPU together (NVML): what nvidia-smi's total shows,
-    independent of process ids (which a container's pid namespace may not match)."""
+_NVML_MISSING = False
+
+
+def _nvml():
+    """pynvml, initialised; None where NVML is missing (remembered: a failed load
+    scans the library path, far too slow for a status route)."""
+    global _NVML_MISSING
+    if _NVML_MISSING:
+        return None
     try:
         from vllm.third_party import pynvml
         pynvml.nvmlInit()
+        return pynvml
     except Exception:
+        _NVML_MISSING = True
+        return None
+
+
+def device_used_mib() -> int | None:
+    """Memory in use on every GPU together (NVML): what nvidia-smi's total shows,
+    independent of process ids (which a container's pid namespace may not match)."""
+    pynvml = _nvml()
+    if pynvml is None:
         return None
     try:
         return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
@@ -106,18 +122,13 @@ def device_used_mib() -> int | None:
     except Exception:
         return None
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        pynvml.nvmlShutdown()
 
 
 def gpu_memory_mib(pids: list[int]) -> int | None:
     """GPU memory the given processes hold (NVML), None where NVML is not available."""
-    try:
-        from vllm.third_party import pynvml
-        pynvml.nvmlInit()
-    except Exception:
+    pynvml = _nvml()
+    if pynvml is None:
         return None
     try:
         total = 0
@@ -130,7 +141,4 @@ def gpu_memory_mib(pids: list[int]) -> int | None:
     except Exception:
         return None
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        pynvml.nvmlShutdown()

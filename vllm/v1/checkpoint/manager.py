@@ -281,6 +281,12 @@ class CheckpointManager:
 
     # -- status -----------------------------------------------------------------------------
 
+    def _in_flight(self) -> int | None:
+        """Requests the engine has and has not finished (what a checkpoint waits for,
+        or freezes with ``in_flight="keep"``)."""
+        processor = getattr(self.client, "output_processor", None)
+        return processor.get_num_unfinished_requests() if processor is not None else None
+
     def status(self) -> dict[str, Any]:
         sizes = dict(self.sizes)
         raw = sizes.get("weights_raw", 0) + sizes.get("kv_raw", 0)
@@ -297,5 +303,6 @@ class CheckpointManager:
             "gpu_memory_mib": gpu_memory_mib(self.pids) if self.pids else None,
             "gpu_device_used_mib": device_used_mib(),
             "requests_held": self.held,
+            "requests_in_flight": self._in_flight(),
             "cycles": self.cycles,
         }

@@ -38,6 +38,10 @@ STANDBY_STALL_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
 
 
+class StandbyPromoted(Exception):
+    """The watched standby was promoted to primary (ends the watch, not a fault)."""
+
+
 class MirrorStartupError(ValueError):
     """Bad mirror settings for this host; raised before any engine starts."""
 
@@ -387,6 +391,10 @@ class MirrorSupervisor:
                 self._connect()
                 backoff = 1.0
                 self._watch()
+            except StandbyPromoted:
+                # Not a fault: the standby serves now; a new one starts for it.
+                logger.info("mirror: the standby became the primary (failover); "
+                            "starting a new standby")
             except Exception as e:
                 if self._stop.is_set():
                     break
@@ -451,7 +459,7 @@ class MirrorSupervisor:
         while not self._stop.wait(WATCH_INTERVAL_S):
             standby = self.standby
             if standby is None:
-                raise RuntimeError("the standby was promoted (failover)")
+                raise StandbyPromoted
             if not standby.alive():
                 raise RuntimeError("standby engine exited")
             p = self.poll()
