@@ -9,6 +9,7 @@ and also check that the engine holds 0 MiB of GPU memory while checkpointed.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -77,10 +78,8 @@ def status(server: RemoteServer) -> dict:
 
 
 def reset_prefix_cache(server: RemoteServer) -> None:
-    # Through the engine the way the router would: a restart-free cold cache is what a
-    # test of "hits after restore" needs to start from.
-    r = server.post("/checkpoint", {"keep_kv": False}, headers=AUTH, timeout=600)
-    assert r.status_code == 200, r.text
+    # A cycle that drops the KV: a test of "hits after restore" starts from a cold cache.
+    checkpoint(server, keep_kv=False)
     restore(server)
 
 
@@ -185,7 +184,6 @@ def stream(server: RemoteServer, prompt: str, max_tokens: int, out: dict) -> Non
         assert r.status_code == 200, r.text
         for line in r.iter_lines():
             if line.startswith(b"data: {"):
-                import json
                 got += json.loads(line[6:])["choices"][0].get("token_ids") or []
                 out["n"] = len(got)
     out["tokens"] = got

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from vllm.logger import init_logger
 
 from vllm.ha import envs as ha_envs
@@ -43,7 +45,9 @@ class CheckpointCallError(RuntimeError):
         self.http_status = status
 
 
-@dataclass
+# A pydantic dataclass: the /checkpoint route takes it as its JSON body (unknown
+# fields refused), so the options and their defaults are written once.
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class CheckpointOptions:
     keep_kv: bool = True
     """Keep the KV blocks in use (and so the prefix cache); False drops them."""
@@ -144,6 +148,10 @@ class CheckpointManager:
         self.metrics.phase.labels(phase=name).observe(now - start)
         return now
 
+    def _begin(self, phase: str) -> None:
+        self.lifecycle.begin(phase)  # 409 unless the state allows it
+        self.metrics.set_state(self.lifecycle.state)
+
     def _transition(self, phase: str, ok: bool, error: str | None = None) -> None:
         self.lifecycle.finish(phase, ok=ok, error=error)
         self.metrics.set_state(self.lifecycle.state)
@@ -167,8 +175,7 @@ class CheckpointManager:
     async def checkpoint(self, opts: CheckpointOptions) -> dict[str, Any]:
         opts.validate()
         self._refuse_unsupported()
-        self.lifecycle.begin("checkpoint")  # 409 unless serving
-        self.metrics.set_state(self.lifecycle.state)
+        self._begin("checkpoint")
         self.phases = {}
         try:
             await self._checkpoint(opts)
@@ -254,8 +261,7 @@ class CheckpointManager:
                 "(keep_kv=false needs less); still serving")
 
     async def restore(self) -> dict[str, Any]:
-        self.lifecycle.begin("restore")  # 409 unless checkpointed
-        self.metrics.set_state(self.lifecycle.state)
+        self._begin("restore")
         self.phases = {k: v for k, v in self.phases.items()
                        if k in ("pause", "offload", "release", "total")}
         t0 = t = time.perf_counter()

@@ -34,6 +34,7 @@ from vllm.v1.checkpoint.byteplane import (
     ZlibPlaneCodec,
 )
 from vllm.v1.worker.kv_mirror_transport import unique_tensors
+from vllm.v1.worker.kv_mirror_worker import unwrap_worker
 
 logger = init_logger(__name__)
 
@@ -236,6 +237,7 @@ class WorkerCheckpoint:
         self.device = torch.device(getattr(worker, "device", "cpu"))
         self.image: HostImage | None = None
         self._memory: DeviceMemory | None = None
+        self._codec: ByteplaneCodec | None = None
 
     def _kv_caches(self) -> list[torch.Tensor]:
         kv = getattr(self.worker.model_runner, "kv_caches", None) or []
@@ -248,9 +250,9 @@ class WorkerCheckpoint:
 
     def plan(self, kv_block_ids: list[int]) -> dict[str, int]:
         """Raw bytes a checkpoint would keep (the host memory it needs at most)."""
-        memory = self._make_memory()
-        weights = sum(r.numel() for r in memory.regions(self._kv_caches()))
-        kv = unique_tensors(self._kv_caches())
+        kv_caches = self._kv_caches()
+        weights = sum(r.numel() for r in self._make_memory().regions(kv_caches))
+        kv = unique_tensors(kv_caches)
         num_blocks = self._num_blocks()
         per_block = sum(t.numel() // num_blocks for t in kv) if num_blocks else 0
         return {"weights_raw": weights, "kv_raw": per_block * len(kv_block_ids)}
@@ -294,7 +296,7 @@ class WorkerCheckpoint:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         t_release = time.perf_counter()
-        self.image, self._memory = image, memory
+        self.image, self._memory, self._codec = image, memory, codec
         sizes = image.sizes()
         logger.info(
             "Checkpoint: %.2f GiB of weights -> %.2f GiB, %d KV blocks %.2f -> %.2f GiB "
@@ -313,10 +315,7 @@ class WorkerCheckpoint:
     def restore(self) -> dict[str, Any]:
         if self.image is None or self._memory is None:
             raise CheckpointWorkerError("this worker is not checkpointed")
-        image, memory = self.image, self._memory
-        codec = None if image.codec == "none" else make_codec(
-            "zlib" if image.codec.startswith("zlib") else
-            ("gdeflate" if "gdeflate" in image.codec else "ans"), self.device)
+        image, memory, codec = self.image, self._memory, self._codec
         t0 = time.perf_counter()
         memory.reacquire()
         t_map = time.perf_counter()
@@ -345,21 +344,17 @@ class WorkerCheckpoint:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_kv = time.perf_counter()
-        self.image = self._memory = None
+        self.image = self._memory = self._codec = None
         return {"pid": os.getpid(), "seconds": {"map": t_map - t0,
                                                 "weights": t_weights - t_map,
                                                 "kv": t_kv - t_weights}}
-
-    def discard(self) -> None:
-        """Forget the host image (after a restore failed beyond repair)."""
-        self.image = self._memory = None
 
 
 # -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
 
 
 def _state(worker: Any) -> WorkerCheckpoint:
-    worker = getattr(worker, "worker", None) or worker
+    worker = unwrap_worker(worker)
     ckpt = getattr(worker, "ha_checkpoint", None)
     if ckpt is None:
         ckpt = worker.ha_checkpoint = WorkerCheckpoint(worker)

@@ -147,7 +147,7 @@ class MirrorPusher:
 # the per-step hooks (patch 0005) call into :class:`WorkerMirror`.
 
 
-def _unwrap(worker: Any) -> WorkerBase:
+def unwrap_worker(worker: Any) -> WorkerBase:
     """collective_rpc hands callables the WorkerWrapperBase; state goes on the Worker
     (the per-step hooks read ``self.kv_mirror`` there)."""
     return getattr(worker, "worker", None) or worker
@@ -254,7 +254,7 @@ def rpc_primary_connect(worker: WorkerBase, standbys: list[dict[str, Any]],
                         transport: str) -> bytes:
     """Connect this worker to the standby worker of its rank; returns our NIXL
     metadata (the staged standby acknowledges scatters to it)."""
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     rpc_primary_disconnect(worker)
     mirror = WorkerMirror(worker, standbys[worker.rank], transport)
     worker.kv_mirror = mirror
@@ -262,7 +262,7 @@ def rpc_primary_connect(worker: WorkerBase, standbys: list[dict[str, Any]],
 
 
 def rpc_primary_disconnect(worker: WorkerBase) -> None:
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     mirror = getattr(worker, "kv_mirror", None)
     worker.kv_mirror = None
     if mirror is not None:
@@ -270,7 +270,7 @@ def rpc_primary_disconnect(worker: WorkerBase) -> None:
 
 
 def rpc_block_checksums(worker: WorkerBase, block_ids: list[int]) -> list[str]:
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     return block_checksums(worker_kv_caches(worker), worker.cache_config.num_gpu_blocks,
                            block_ids)
 
@@ -317,14 +317,14 @@ class StandbyWorkerMirror:
 
 def rpc_standby_open(worker: WorkerBase, transport: str, staging_bytes: int
                      ) -> dict[str, Any]:
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     mirror = StandbyWorkerMirror(worker, transport, staging_bytes)
     worker.kv_mirror_standby = mirror
     return mirror.endpoint.descriptor().to_dict()
 
 
 def rpc_standby_connect_primary(worker: WorkerBase, metadata: list[bytes]) -> None:
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     mirror: StandbyWorkerMirror = worker.kv_mirror_standby
     mirror.forget()
     if mirror.staged:
@@ -332,13 +332,13 @@ def rpc_standby_connect_primary(worker: WorkerBase, metadata: list[bytes]) -> No
 
 
 def rpc_standby_poll(worker: WorkerBase, pending: dict[int, list[int]]) -> list[int]:
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     return worker.kv_mirror_standby.poll(pending)
 
 
 def rpc_standby_close(worker: WorkerBase) -> None:
     """Promoted: the KV cache (or staging ring) is no longer exposed to a primary."""
-    worker = _unwrap(worker)
+    worker = unwrap_worker(worker)
     mirror: StandbyWorkerMirror | None = getattr(worker, "kv_mirror_standby", None)
     worker.kv_mirror_standby = None
     if mirror is not None:

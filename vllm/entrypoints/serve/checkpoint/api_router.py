@@ -16,14 +16,12 @@ wait and are served after restore.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from typing import Any
 
 import vllm.envs as envs
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from vllm.entrypoints.serve.utils.server_utils import AuthenticationMiddleware
 
 from vllm.entrypoints.serve.mirror.api_router import _generation
 from vllm.ha import envs as ha_envs
@@ -37,16 +35,6 @@ from vllm.v1.checkpoint.state import CheckpointStateError
 router = APIRouter()
 
 
-class CheckpointBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    keep_kv: bool = True
-    in_flight: str = "wait"
-    codec: str = "auto"
-    release_gpu: bool = True
-    wait_timeout_s: float = 300.0
-
-
 def _manager(app: Any) -> CheckpointManager | None:
     manager = getattr(app.state, "ha_checkpoint", None)
     client = getattr(app.state, "engine_client", None)
@@ -55,27 +43,18 @@ def _manager(app: Any) -> CheckpointManager | None:
     return manager
 
 
-def _admin_tokens(app: Any) -> list[bytes]:
+def _admin_keys(app: Any) -> list[str]:
     if key := ha_envs.admin_key():
-        keys = [key]
-    else:
-        args = getattr(app.state, "args", None)
-        keys = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
-    return [hashlib.sha256(k.encode()).digest() for k in keys]
+        return [key]
+    args = getattr(app.state, "args", None)
+    return [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
 
 
 def _authorized(request: Request) -> bool:
-    tokens = _admin_tokens(request.app)
-    if not tokens:
-        return True
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    digest = hashlib.sha256(key.encode()).digest()
-    ok = False
-    for t in tokens:
-        ok |= secrets.compare_digest(digest, t)
-    return ok
+    # Upstream's Bearer check (hashed, constant-time), with the admin keys.
+    keys = _admin_keys(request.app)
+    return not keys or AuthenticationMiddleware(request.app, keys).verify_token(
+        request.headers)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -107,9 +86,9 @@ async def checkpoint_status(raw_request: Request) -> JSONResponse:
 
 
 @router.post("/checkpoint")
-async def checkpoint(raw_request: Request, body: CheckpointBody | None = None
+async def checkpoint(raw_request: Request, body: CheckpointOptions | None = None
                      ) -> JSONResponse:
-    opts = CheckpointOptions(**(body or CheckpointBody()).model_dump())
+    opts = body or CheckpointOptions()
     return await _call(raw_request, lambda m: m.checkpoint(opts))
 
 
