@@ -58,7 +58,8 @@ class RemoteServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         extra = os.environ.get("VLLM_HA_TEST_SERVE_ARGS", "").split()
-        cmd = [*vllm_cli(), "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+        # An empty model: `vllm serve --restore-from DIR` takes it from the snapshot.
+        cmd = [*vllm_cli(), "serve", *([model] if model else []), "--host", "127.0.0.1", "--port", str(self.port),
                *args, *extra]
         self._log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,

@@ -26,3 +26,9 @@ def checkpoint_host_reserve() -> int:
     """``VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB`` (default 2): host memory a checkpoint
     leaves to everything else; a checkpoint that could need more is refused (507)."""
     return int(float(os.environ.get("VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB", "2")) * 2**30)
+
+
+def snapshot_keeps_weights() -> bool:
+    """``VLLM_HA_SNAPSHOT_WEIGHTS=1`` (set by ``--snapshot-root``): the CPU build keeps
+    its linear weights unpacked so a snapshot can store them (patch 0016)."""
+    return os.environ.get("VLLM_HA_SNAPSHOT_WEIGHTS", "0") == "1"

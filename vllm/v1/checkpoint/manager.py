@@ -30,6 +30,7 @@ from vllm.v1.checkpoint.driver import (
     device_used_mib,
     gpu_memory_mib,
 )
+from vllm.v1.checkpoint.snapshot_manager import SnapshotConfig, SnapshotManager
 from vllm.v1.checkpoint.state import CheckpointLifecycle, CheckpointState
 from vllm.v1.worker.checkpoint_worker import CODECS
 
@@ -61,6 +62,9 @@ class CheckpointOptions:
     engine. False stops at the offload (the process keeps its CUDA context)."""
     wait_timeout_s: float = 300.0
     """With ``in_flight="wait"``: give up (and keep serving) after this long."""
+    snapshot: str | None = None
+    """Also write the snapshot ``NAME`` under the server's ``--snapshot-root`` (what
+    ``vllm serve --restore-from ROOT/NAME`` starts from)."""
 
     def validate(self) -> None:
         if self.in_flight not in ("wait", "keep"):
@@ -107,8 +111,10 @@ class CheckpointMetrics:
 class CheckpointManager:
     """Drives one server's checkpoint lifecycle (one per API server process)."""
 
-    def __init__(self, engine_client: Any) -> None:
+    def __init__(self, engine_client: Any, args: Any = None) -> None:
         self.client = engine_client
+        self.snapshots = SnapshotManager(engine_client, SnapshotConfig.from_args(args),
+                                         args)
         self.lifecycle = CheckpointLifecycle()
         self.metrics = CheckpointMetrics.get()
         self.metrics.set_state(self.lifecycle.state)
@@ -158,6 +164,15 @@ class CheckpointManager:
 
     # -- requests held while not serving ------------------------------------------------
 
+    async def snapshot(self, name: str, codec: str = "auto") -> dict[str, Any]:
+        """A snapshot of the serving engine (it pauses between two steps for the
+        write; requests are not held)."""
+        if not self.lifecycle.accepting:
+            raise CheckpointCallError(
+                409, f"cannot snapshot while {self.lifecycle.state.value}: POST "
+                "/checkpoint with a snapshot name writes one while checkpointing")
+        return await self.snapshots.write(name, codec)
+
     async def hold(self) -> None:
         """Wait (a generation request) until the server serves."""
         if self.lifecycle.accepting:
@@ -175,6 +190,8 @@ class CheckpointManager:
     async def checkpoint(self, opts: CheckpointOptions) -> dict[str, Any]:
         opts.validate()
         self._refuse_unsupported()
+        if opts.snapshot is not None:
+            self.snapshots.store().check_name(opts.snapshot)  # 400 before any pause
         self._begin("checkpoint")
         self.phases = {}
         try:
@@ -210,6 +227,13 @@ class CheckpointManager:
                 504, f"in-flight requests did not finish within {opts.wait_timeout_s} s; "
                 "still serving (retry, or use in_flight=keep)") from None
         t = self._phase("pause", t)
+        if opts.snapshot is not None:
+            try:
+                await self.snapshots.write(opts.snapshot, opts.codec)
+            except BaseException:
+                await self.client.resume_generation()
+                raise
+            t = self._phase("snapshot", t)
         try:
             result = await self._utility("checkpoint_offload", opts.keep_kv, opts.codec)
         except BaseException:
@@ -311,4 +335,5 @@ class CheckpointManager:
             "requests_held": self.held,
             "requests_in_flight": self._in_flight(),
             "cycles": self.cycles,
+            "snapshot": self.snapshots.status(),
         }

@@ -11,15 +11,26 @@ exactly when the KV blocks were kept.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm.v1.engine.snapshot import (
+    BLOCKS_FILE,
+    SnapshotKVRestore,
+    cached_block_hashes,
+    identity,
+    snapshot_dir,
+    write_blocks_file,
+)
 from vllm.v1.worker.checkpoint_worker import (
     rpc_checkpoint_offload,
     rpc_checkpoint_plan,
     rpc_checkpoint_restore,
 )
+from vllm.v1.worker.snapshot_worker import rpc_snapshot_load_kv, rpc_snapshot_write
 
 logger = init_logger(__name__)
 
@@ -68,3 +79,36 @@ class EngineCoreCheckpointMixin:
         workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
             rpc_checkpoint_restore)
         return {"workers": workers}
+
+    # -- snapshots on disk (issue 6) -------------------------------------------------
+
+    def snapshot_write(self, gen_dir: str, codec: str,
+                       linkable: dict[str, list[str]]) -> dict[str, Any]:
+        """Weights and the prefix cache's blocks (with their hashes) into ``gen_dir``.
+        Runs between steps: the engine is paused for exactly this long."""
+        t0 = time.perf_counter()
+        pool = self.scheduler.kv_cache_manager.block_pool  # type: ignore[attr-defined]
+        ids, entries = cached_block_hashes(pool)
+        workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_snapshot_write, args=(gen_dir, ids, codec, linkable))
+        files = {BLOCKS_FILE: write_blocks_file(Path(gen_dir), entries)}
+        link: set[str] = set()
+        for w in workers:
+            files.update(w["files"])
+            link.update(w["link"])
+        return {"files": files, "link": sorted(link), "kv_blocks": len(ids),
+                "codec": workers[0]["codec"],
+                "identity": identity(self.vllm_config),  # type: ignore[attr-defined]
+                "seconds": time.perf_counter() - t0,
+                "workers": [w["seconds"] for w in workers]}
+
+    def restore_snapshot_kv(self) -> None:
+        """Startup hook (patch 0013): with ``--restore-from``, the snapshot's prefix
+        cache goes into this engine's BlockPool before it serves."""
+        gen = snapshot_dir(self.vllm_config)  # type: ignore[attr-defined]
+        if gen is None:
+            return
+        pool = self.scheduler.kv_cache_manager.block_pool  # type: ignore[attr-defined]
+        executor = self.model_executor  # type: ignore[attr-defined]
+        SnapshotKVRestore(Path(gen), pool).run(
+            lambda d, ids: executor.collective_rpc(rpc_snapshot_load_kv, args=(d, ids)))

@@ -16,11 +16,14 @@ wait and are served after restore.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import vllm.envs as envs
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from vllm.entrypoints.serve.utils.server_utils import AuthenticationMiddleware
 
 from vllm.entrypoints.serve.mirror.api_router import _generation
@@ -30,7 +33,10 @@ from vllm.v1.checkpoint.manager import (
     CheckpointManager,
     CheckpointOptions,
 )
+from vllm.v1.checkpoint.snapshot import SnapshotError
+from vllm.v1.checkpoint.snapshot_manager import SnapshotCallError
 from vllm.v1.checkpoint.state import CheckpointStateError
+from vllm.v1.worker.checkpoint_worker import CODECS
 
 router = APIRouter()
 
@@ -39,7 +45,8 @@ def _manager(app: Any) -> CheckpointManager | None:
     manager = getattr(app.state, "ha_checkpoint", None)
     client = getattr(app.state, "engine_client", None)
     if manager is None and client is not None:
-        manager = app.state.ha_checkpoint = CheckpointManager(client)
+        manager = app.state.ha_checkpoint = CheckpointManager(
+            client, getattr(app.state, "args", None))
     return manager
 
 
@@ -72,8 +79,10 @@ async def _call(request: Request, fn) -> JSONResponse:
         return JSONResponse(await fn(manager))
     except CheckpointStateError as e:
         return _error(409, str(e))
-    except CheckpointCallError as e:
+    except (CheckpointCallError, SnapshotCallError) as e:
         return _error(e.http_status, str(e))
+    except SnapshotError as e:
+        return _error(400, str(e))
     except Exception as e:  # the phase was undone; say what failed
         return _error(500, f"{type(e).__name__}: {e}")
 
@@ -90,6 +99,20 @@ async def checkpoint(raw_request: Request, body: CheckpointOptions | None = None
                      ) -> JSONResponse:
     opts = body or CheckpointOptions()
     return await _call(raw_request, lambda m: m.checkpoint(opts))
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class SnapshotRequest:
+    name: str
+    """The snapshot ``ROOT/NAME`` to write (one path component)."""
+    codec: str = "auto"
+
+
+@router.post("/snapshot")
+async def snapshot(raw_request: Request, body: SnapshotRequest) -> JSONResponse:
+    if body.codec not in CODECS:
+        return _error(400, f"codec must be one of {', '.join(CODECS)}")
+    return await _call(raw_request, lambda m: m.snapshot(body.name, body.codec))
 
 
 @router.post("/restore")
@@ -117,3 +140,24 @@ class CheckpointHoldMiddleware:
 def attach_router(app: FastAPI) -> None:
     app.include_router(router)
     app.add_middleware(CheckpointHoldMiddleware)
+    _start_with_server(app)
+
+
+def _start_with_server(app: FastAPI) -> None:
+    """``--snapshot-interval``: the periodic snapshots run while the server does
+    (wrapped around upstream's lifespan, which starts after the engine is up)."""
+    upstream = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with upstream(app) as state:
+            manager = _manager(app)
+            if manager is not None:
+                manager.snapshots.start_periodic(lambda: manager.lifecycle.accepting)
+            try:
+                yield state
+            finally:
+                if manager is not None:
+                    manager.snapshots.stop()
+
+    app.router.lifespan_context = lifespan

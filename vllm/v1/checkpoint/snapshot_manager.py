@@ -1,0 +1,205 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Snapshots on disk from the API server: ``POST /checkpoint {"snapshot": NAME}``,
+``POST /snapshot`` and ``--snapshot-interval``.
+
+The engine writes its files (weights by name, the prefix cache's blocks and hashes)
+into a fresh generation directory between two steps, so a snapshot of a serving engine
+pauses it for the write and nothing else; weights this process already wrote are
+hard-linked from the previous generation, not written again. This side adds the
+model's configuration and tokenizer files and the settings to start from it, then
+commits the generation (manifest last, ``CURRENT`` swapped): a failure at any point
+leaves the previous snapshot current and valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
+from vllm.v1.engine.snapshot import copy_model_files, ha_version
+
+logger = init_logger(__name__)
+
+PERIODIC_NAME = "periodic"
+# Settings that shape the engine, recorded so `--restore-from` starts the same one.
+RECORDED_ARGS = (
+    "served_model_name", "max_model_len", "block_size", "enable_prefix_caching",
+    "prefix_caching_hash_algo", "kv_cache_dtype", "quantization", "enable_sleep_mode",
+    "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+    "trust_remote_code", "gpu_memory_utilization", "num_gpu_blocks_override", "seed",
+    "enable_prompt_tokens_details",
+)
+
+
+# The engine's workers report an OSError as text: both forms mean a full disk.
+_DISK_FULL = ("No space left", "File too large", "Disk quota exceeded")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class SnapshotCallError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    root: Path | None = None
+    interval_s: float | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> SnapshotConfig:
+        root = getattr(args, "snapshot_root", None)
+        return cls(Path(root).resolve() if root else None,
+                   getattr(args, "snapshot_interval", None))
+
+
+class SnapshotMetrics:
+    _instance: SnapshotMetrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.seconds = Gauge("vllm:snapshot_seconds",
+                             "Duration of the last snapshot, total and the engine's "
+                             "pause", ["part"])
+        self.bytes = Gauge("vllm:snapshot_bytes", "Bytes of the last snapshot",
+                           ["form"])
+        self.last_success = Gauge("vllm:snapshot_last_success_timestamp_seconds",
+                                  "When the last snapshot was committed")
+        self.failures = Counter("vllm:snapshot_failures",
+                                "Snapshots that failed (the previous one stays valid)")
+
+    @classmethod
+    def get(cls) -> SnapshotMetrics:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+class SnapshotManager:
+    """Writes snapshots of one server's engine under the configured root."""
+
+    def __init__(self, engine_client: Any, config: SnapshotConfig, args: Any) -> None:
+        self.client = engine_client
+        self.config = config
+        self.args = args
+        self.metrics = SnapshotMetrics.get()
+        self.last: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    def store(self) -> SnapshotStore:
+        if self.config.root is None:
+            raise SnapshotCallError(
+                400, "this server has no snapshot root: start it with --snapshot-root DIR")
+        return SnapshotStore(self.config.root)
+
+    def _recorded_args(self) -> dict[str, Any]:
+        return {k: getattr(self.args, k) for k in RECORDED_ARGS
+                if self.args is not None and hasattr(self.args, k)}
+
+    async def write(self, name: str, codec: str = "auto") -> dict[str, Any]:
+        """One snapshot ``ROOT/name``; the previous one of that name stays current
+        until this one is whole."""
+        store = self.store()
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                writer = await asyncio.to_thread(store.begin, name)
+            except SnapshotError as e:
+                raise SnapshotCallError(400, str(e)) from None
+            try:
+                prev = writer.previous.manifest["files"] if writer.previous else {}
+                linkable = {rel: e["sha256"] for rel, e in prev.items()}
+                res = await self.client.engine_core.call_utility_async(
+                    "snapshot_write", str(writer.path), codec, linkable)
+                t_engine = time.perf_counter()
+                for rel, entry in res["files"].items():
+                    writer.add(rel, entry)
+                for rel in res["link"]:
+                    await asyncio.to_thread(writer.link, rel)
+                model = self.client.vllm_config.model_config.model
+                model_files = await asyncio.to_thread(copy_model_files, writer, model)
+                meta = {"engine_args": self._recorded_args(), "model_files": model_files,
+                        "kv_blocks": res["kv_blocks"], "codec": res["codec"],
+                        "model": model}
+                snap = await asyncio.to_thread(writer.commit, res["identity"],
+                                               ha_version(), meta)
+            except BaseException as e:
+                writer.abort()
+                self.metrics.failures.inc()
+                self.last_error = f"{type(e).__name__}: {e}"
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                if any(m in str(e) for m in _DISK_FULL) or (
+                        isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS):
+                    raise SnapshotCallError(
+                        507, f"the disk is full writing snapshot {name!r} ({e}); the "
+                        "previous snapshot is unchanged") from None
+                if isinstance(e, SnapshotError):
+                    raise SnapshotCallError(500, str(e)) from None
+                raise SnapshotCallError(
+                    500, f"snapshot {name!r} failed ({type(e).__name__}: {e}); the "
+                    "previous snapshot is unchanged") from None
+            total = time.perf_counter() - t0
+            files = snap.manifest["files"]
+            size = sum(e["size"] for e in files.values())
+            self.last = {
+                "name": name, "path": str(snap.path), "bytes": size,
+                "bytes_written": size - writer.linked_bytes,
+                "bytes_linked": writer.linked_bytes, "kv_blocks": res["kv_blocks"],
+                "codec": res["codec"], "seconds": round(total, 3),
+                "engine_pause_seconds": round(res["seconds"], 3),
+                "commit_seconds": round(time.perf_counter() - t_engine, 3),
+            }
+            self.last_error = None
+            self.metrics.seconds.labels(part="total").set(total)
+            self.metrics.seconds.labels(part="engine_pause").set(res["seconds"])
+            self.metrics.bytes.labels(form="total").set(size)
+            self.metrics.bytes.labels(form="written").set(size - writer.linked_bytes)
+            self.metrics.last_success.set(time.time())
+            logger.info("Snapshot %s: %.2f GiB (%.2f GiB written, the rest linked), %d KV "
+                        "blocks, %.2f s (engine paused %.2f s) -> %s", name, size / 2**30,
+                        (size - writer.linked_bytes) / 2**30, res["kv_blocks"], total,
+                        res["seconds"], snap.path)
+            return dict(self.last)
+
+    # -- periodic -------------------------------------------------------------------
+
+    def start_periodic(self, serving) -> None:
+        """``--snapshot-interval``: ``ROOT/periodic`` every interval while
+        ``serving()`` (a checkpointed engine has nothing new to write)."""
+        if self.config.interval_s and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._periodic(serving))
+
+    async def _periodic(self, serving) -> None:
+        interval = float(self.config.interval_s or 0)
+        logger.info("Snapshots of the serving engine every %.0f s into %s", interval,
+                    self.config.root / PERIODIC_NAME if self.config.root else None)
+        while True:
+            await asyncio.sleep(interval)
+            if not serving():
+                continue
+            try:
+                await self.write(PERIODIC_NAME)
+            except Exception as e:
+                logger.error("Periodic snapshot failed (the previous one is kept): %s", e)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def status(self) -> dict[str, Any]:
+        return {"root": str(self.config.root) if self.config.root else None,
+                "interval_s": self.config.interval_s, "last": self.last,
+                "last_error": self.last_error}
