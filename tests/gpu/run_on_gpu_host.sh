@@ -8,6 +8,8 @@
 #   bash tests/gpu/run_on_gpu_host.sh failover                 (the failover e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
 #   MODES="..." bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b  (benchmarks/checkpoint_restore.py)
+#   bash tests/gpu/run_on_gpu_host.sh snapshot                 (the snapshot e2e test on CUDA)
+#   bash tests/gpu/run_on_gpu_host.sh bench-snapshot 1b|8b     (benchmarks/snapshot_restore.py)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 LOG=${OUT:-$ROOT/gpu-out}
@@ -103,6 +105,26 @@ if [ "$what" = bench-checkpoint ]; then
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096" \
     ${MODES:+--modes $MODES} --out "$LOG/checkpoint_restore_$shape.json" \
     2>&1 | tee "$LOG/bench-checkpoint-$shape.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = snapshot ]; then
+  python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_snapshot.py \
+    tests/v1/checkpoint 2>&1 | tee "$LOG/pytest-snapshot.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "$what" = bench-snapshot ]; then
+  shape=${2:-1b}
+  model=/tmp/models/llama-$shape
+  if [ "$shape" = 8b ]; then
+    dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"; util=0.5
+  else
+    dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"; util=0.3
+  fi
+  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 \
+    --max-pos 16384 --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
+  python3 "$ROOT/benchmarks/snapshot_restore.py" "$model" --log-dir "$LOG" \
+    --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096 --enable-sleep-mode" \
+    --out "$LOG/snapshot_restore_$shape.json" 2>&1 | tee "$LOG/bench-snapshot-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

@@ -1,0 +1,205 @@
+"""Snapshots on disk end to end: a real `vllm serve` writes them, a new one starts from
+them (`--restore-from`), real HTTP.
+
+The restored server is started without the model: its configuration and tokenizer
+come from the snapshot, which holds no checkpoint files, so its weights can only be
+the snapshot's. Identical greedy output proves every weight byte came back; prefix
+cache hits on the first request prove the KV blocks and their hashes did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.entrypoints.serve.test_checkpoint import (
+    ADMIN_KEY,
+    ARGS,
+    AUTH,
+    PROMPT,
+    cached,
+    checkpoint,
+    complete,
+    restore,
+    status,
+    tokens,
+)
+from tests.utils import RemoteServer, child_env, vllm_cli
+from vllm.v1.checkpoint.snapshot import CURRENT, SnapshotStore
+
+pytestmark = pytest.mark.slow
+
+OTHER = "A second prompt the snapshot also keeps: " + "five six seven eight " * 10
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("snapshots")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("snapshot") / "serve.log"
+    env = child_env(VLLM_HA_ADMIN_KEY=ADMIN_KEY)
+    with RemoteServer(str(tiny_model), [*ARGS, "--snapshot-root", str(root)], log,
+                      env=env) as s:
+        yield s
+
+
+def snapshot(server: RemoteServer, name: str, expect: int = 200) -> dict:
+    r = server.post("/snapshot", {"name": name}, headers=AUTH, timeout=600)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+def current(root: Path, name: str) -> str:
+    return os.readlink(root / name / CURRENT)
+
+
+def test_snapshot_restores_into_a_new_server_without_the_model(server, root, tmp_path):
+    refs = {p: tokens(complete(server, p)) for p in (PROMPT, OTHER)}
+    first = snapshot(server, "s1")
+    assert first["kv_blocks"] >= 2 * ((len(PROMPT.split()) // 16) or 1)
+    assert first["bytes_linked"] == 0 and first["codec"] == status(server)["snapshot"][
+        "last"]["codec"]
+    snap = SnapshotStore(root).read("s1")  # verifies every checksum
+    files = snap.manifest["files"]
+    assert "model/config.json" in files and "model/tokenizer.json" in files
+    assert not any(f.endswith(".safetensors") for f in files)
+    # A second snapshot writes only what changed: the weights are linked.
+    second = snapshot(server, "s1")
+    assert second["bytes_linked"] > 0.9 * second["bytes"] and second["bytes_written"] < (
+        first["bytes_written"] / 4)
+    assert current(root, "s1") == "g000002" and not (root / "s1" / "g000001").exists()
+    # The lost node: a new server from the snapshot alone (no model, no weights files).
+    with RemoteServer("", ["--restore-from", str(root / "s1")],
+                      tmp_path / "restored.log", env=child_env()) as restored:
+        for p, ref in refs.items():
+            out = complete(restored, p)
+            assert tokens(out) == ref
+            assert cached(out) >= 16, f"no prefix-cache hit after restore: {out['usage']}"
+        log = restored.log_path.read_text()
+        assert "verified" in log and "KV blocks restored into the prefix cache" in log
+
+
+def test_checkpoint_also_writes_a_snapshot(server, root):
+    ref = tokens(complete(server))
+    st = checkpoint(server, snapshot="c1")
+    assert st["state"] == "checkpointed" and "snapshot" in st["phases_s"]
+    assert st["snapshot"]["last"]["name"] == "c1"
+    SnapshotStore(root).read("c1")
+    restore(server)
+    assert tokens(complete(server)) == ref
+
+
+def test_bad_calls_are_refused_and_change_nothing(server, root):
+    snapshot(server, "keep")
+    before = current(root, "keep")
+    for name in ("../escape", "a/b", ".."):
+        r = server.post("/snapshot", {"name": name}, headers=AUTH)
+        assert r.status_code == 400 and "outside the snapshot root" in r.text, r.text
+        r = server.post("/checkpoint", {"snapshot": name}, headers=AUTH)
+        assert r.status_code == 400 and "outside the snapshot root" in r.text, r.text
+    assert status(server)["state"] == "serving"
+    assert server.post("/snapshot", {"name": "x"}).status_code == 401
+    checkpoint(server)
+    r = server.post("/snapshot", {"name": "keep"}, headers=AUTH)
+    assert r.status_code == 409 and "checkpointed" in r.text
+    restore(server)
+    assert current(root, "keep") == before
+    SnapshotStore(root).read("keep")
+
+
+def test_full_disk_fails_the_write_keeps_the_old_snapshot_and_serving(server, root):
+    ref = tokens(complete(server))
+    snapshot(server, "full")
+    before = current(root, "full")
+    # The engine's processes may not grow a file past 64 KiB: a full disk to them
+    # (Python ignores SIGXFSZ, so the write fails with EFBIG).
+    procs = psutil.Process(server.proc.pid).children(recursive=True)
+    limits = {p.pid: resource.prlimit(p.pid, resource.RLIMIT_FSIZE) for p in procs}
+    try:
+        for p in procs:
+            # The soft limit only: a process may raise it back, not the hard one.
+            resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (64 << 10, limits[p.pid][1]))
+        r = server.post("/snapshot", {"name": "full"}, headers=AUTH, timeout=600)
+        assert r.status_code == 507 and "previous snapshot is unchanged" in r.text, r.text
+    finally:
+        for pid, lim in limits.items():
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, lim)
+    assert current(root, "full") == before
+    assert sorted(p.name for p in (root / "full").iterdir()) == [CURRENT, before]
+    SnapshotStore(root).read("full")
+    assert tokens(complete(server)) == ref
+    assert "vllm:snapshot_failures_total 1.0" in server.get("/metrics").text
+
+
+def test_server_without_a_root_refuses_snapshots(tiny_model, tmp_path):
+    with RemoteServer(str(tiny_model), ARGS, tmp_path / "noroot.log") as s:
+        r = s.post("/snapshot", {"name": "s"})
+        assert r.status_code == 400 and "--snapshot-root" in r.text
+        r = s.post("/checkpoint", {"snapshot": "s"})
+        assert r.status_code == 400 and "--snapshot-root" in r.text
+        assert s.get("/checkpoint").json()["state"] == "serving"
+
+
+def test_periodic_snapshots(tiny_model, tmp_path):
+    root = tmp_path / "periodic-root"
+    args = [*ARGS, "--snapshot-root", str(root), "--snapshot-interval", "1"]
+    with RemoteServer(str(tiny_model), args, tmp_path / "periodic.log") as s:
+        complete(s)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (root / "periodic" / CURRENT).is_symlink() and int(
+                    current(root, "periodic")[1:]) >= 2:
+                break
+            time.sleep(0.5)
+        snap = SnapshotStore(root).read("periodic")
+        assert snap.meta["kv_blocks"] >= 1
+        metrics = s.get("/metrics").text
+        assert "vllm:snapshot_last_success_timestamp_seconds" in metrics
+        # Later generations link the weights: each writes a small fraction.
+        last = s.get("/checkpoint").json()["snapshot"]["last"]
+        assert last["bytes_linked"] > 0.9 * last["bytes"]
+
+
+def _serve_fails(args: list[str], timeout: int = 120) -> str:
+    r = subprocess.run([*vllm_cli(), "serve", *args], capture_output=True, text=True,
+                       env=child_env(), timeout=timeout)
+    assert r.returncode != 0
+    return r.stderr + r.stdout
+
+
+def test_restore_from_refuses_bad_snapshots(server, root, tmp_path):
+    snapshot(server, "bad")
+    gen = root / "bad" / current(root, "bad")
+    # A block size the snapshot was not taken with.
+    out = _serve_fails(["--restore-from", str(root / "bad"), "--block-size", "32"])
+    assert "--block-size" in out and "does not match the snapshot" in out
+    # No snapshot there.
+    out = _serve_fails(["--restore-from", str(tmp_path / "nothing")])
+    assert "--restore-from" in out and "no snapshot" in out
+    # A different distribution version.
+    manifest = json.loads((gen / "manifest.json").read_text())
+    (gen / "manifest.json").write_text(json.dumps({**manifest, "ha_version": "0.0.1+ha9"}))
+    out = _serve_fails(["--restore-from", str(root / "bad")])
+    assert "written by vLLM-HA 0.0.1+ha9" in out
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    # A flipped byte in the weights.
+    weights = gen / "weights" / "rank0.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    out = _serve_fails(["--restore-from", str(root / "bad")])
+    assert "is corrupt" in out
+    # The manifest gone: not a snapshot any more.
+    (gen / "manifest.json").unlink()
+    out = _serve_fails(["--restore-from", str(root / "bad")])
+    assert "not a complete snapshot" in out
