@@ -108,8 +108,8 @@ if [ "$what" = bench-checkpoint ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = snapshot ]; then
-  python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_snapshot.py \
-    tests/v1/checkpoint 2>&1 | tee "$LOG/pytest-snapshot.log"
+  python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_snapshot_restore.py \
+    2>&1 | tee "$LOG/pytest-snapshot.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = bench-snapshot ]; then
