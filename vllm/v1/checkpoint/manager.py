@@ -38,6 +38,18 @@ logger = init_logger(__name__)
 
 
 
+# Measured on the H100 (driver 580.159.04): once a process has written a snapshot
+# compressed with nvCOMP, the driver's restore of that process fails
+# (CUDA_ERROR_UNKNOWN), while nvCOMP in the checkpoint's own offload does not. Until
+# that is understood, the two are never combined: nothing may leave a server stuck
+# checkpointed.
+_NVCOMP_DRIVER = (
+    "this process wrote an nvCOMP-compressed snapshot, after which the driver restore "
+    "fails (CUDA_ERROR_UNKNOWN on driver 580): use release_gpu=false, or write "
+    "snapshots with codec none or zlib (a checkpoint's own snapshot is written "
+    "uncompressed for this reason)")
+
+
 class CheckpointCallError(RuntimeError):
     """A call refused before anything changed, with its HTTP status."""
 
@@ -190,8 +202,13 @@ class CheckpointManager:
     async def checkpoint(self, opts: CheckpointOptions) -> dict[str, Any]:
         opts.validate()
         self._refuse_unsupported()
+        driver_release = opts.release_gpu and self._on_cuda()
         if opts.snapshot is not None:
             self.snapshots.store().check_name(opts.snapshot)  # 400 before any pause
+            if driver_release and opts.codec in ("ans", "gdeflate"):
+                raise CheckpointCallError(400, _NVCOMP_DRIVER)
+        if driver_release and self.snapshots.nvcomp_written:
+            raise CheckpointCallError(409, _NVCOMP_DRIVER)
         self._begin("checkpoint")
         self.phases = {}
         try:
@@ -228,8 +245,10 @@ class CheckpointManager:
                 "still serving (retry, or use in_flight=keep)") from None
         t = self._phase("pause", t)
         if opts.snapshot is not None:
+            # An nvCOMP-compressed snapshot would make the driver restore fail.
+            codec = "none" if opts.release_gpu and self._on_cuda() else opts.codec
             try:
-                await self.snapshots.write(opts.snapshot, opts.codec)
+                await self.snapshots.write(opts.snapshot, codec)
             except BaseException:
                 await self.client.resume_generation()
                 raise

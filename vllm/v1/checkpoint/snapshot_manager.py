@@ -94,6 +94,8 @@ class SnapshotManager:
         self.metrics = SnapshotMetrics.get()
         self.last: dict[str, Any] | None = None
         self.last_error: str | None = None
+        # See manager._NVCOMP_DRIVER: such a process is not driver-checkpointed.
+        self.nvcomp_written = False
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
@@ -151,6 +153,7 @@ class SnapshotManager:
                     500, f"snapshot {name!r} failed ({type(e).__name__}: {e}); the "
                     "previous snapshot is unchanged") from None
             total = time.perf_counter() - t0
+            self.nvcomp_written |= str(res["codec"]).startswith("nvcomp")
             files = snap.manifest["files"]
             size = sum(e["size"] for e in files.values())
             self.last = {

@@ -49,10 +49,25 @@ class CheckpointWorkerError(RuntimeError):
     pass
 
 
+_CODECS: dict[tuple[str, str], ByteplaneCodec] = {}
+
+
 def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
     """``auto``: nvCOMP ANS on CUDA (the fastest decode at the best ratio measured on
     the H100, benchmarks/RESULTS.md "byte-plane compression"), zlib on CPU. ``none``:
-    bytes are stored raw."""
+    bytes are stored raw. One codec per kind and device for the process: a second
+    live nvCOMP codec (a snapshot's next to the checkpoint's) made the driver's restore
+    of the checkpointed process fail on the H100 (CUDA_ERROR_UNKNOWN)."""
+    key = (name, str(device))
+    if key not in _CODECS:
+        codec = _make_codec(name, device)
+        if codec is None:
+            return None
+        _CODECS[key] = codec
+    return _CODECS[key]
+
+
+def _make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
     if name not in CODECS:
         raise CheckpointWorkerError(f"unknown codec {name!r}; one of {', '.join(CODECS)}")
     if name == "none":

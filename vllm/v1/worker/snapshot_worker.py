@@ -18,6 +18,7 @@ engine adds the entries to the manifest (:class:`vllm.v1.checkpoint.snapshot.Sna
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -164,6 +165,11 @@ class WorkerSnapshot:
             self.weights_written = files[w_bin]["sha256"]
         t_weights = time.perf_counter()
         files.update(self._write_kv(gen, block_ids, codec, pin))
+        if self.device.type == "cuda":
+            # Nothing of the write may outlive it on the device (a checkpoint may follow).
+            torch.cuda.synchronize(self.device)
+            gc.collect()
+            torch.cuda.empty_cache()
         t_kv = time.perf_counter()
         return {"files": files, "link": linked,
                 "codec": codec.codec.name if codec else "none",
