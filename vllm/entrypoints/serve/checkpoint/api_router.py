@@ -5,6 +5,8 @@
   raw and stored, codec and ratio, each phase's seconds, GPU memory the engine holds.
 - ``POST /checkpoint`` (JSON body optional, fields of
   :class:`~vllm.v1.checkpoint.manager.CheckpointOptions`) and ``POST /restore``.
+- ``POST /snapshot {"name": NAME}``: a snapshot of the serving engine under
+  ``--snapshot-root`` (docs/snapshots.md); ``--snapshot-interval`` runs it periodically.
 
 Not a dev route: the API is stable and mounted on every server. Both POSTs (and the
 GET) need ``Authorization: Bearer KEY`` where KEY is ``VLLM_HA_ADMIN_KEY`` if set,
