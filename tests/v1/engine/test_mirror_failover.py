@@ -277,7 +277,10 @@ def test_a_hung_primary_is_killed_after_the_step_timeout_and_fails_over(server):
     for s in streams:
         s.start()
     deadline = time.monotonic() + 120
-    while min(len(s.tokens) for s in streams) < 1 or max(len(s.tokens) for s in streams) < 16:
+    # Every stream has begun: stop now (a client reading streams lags the engine by
+    # seconds on a loaded box; waiting for more tokens let the engine finish first,
+    # and a hung engine with nothing to do is never noticed).
+    while min(len(s.tokens) for s in streams) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     t_stop = time.time()
