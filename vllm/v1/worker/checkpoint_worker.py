@@ -244,19 +244,43 @@ def _chunks(region: torch.Tensor):
         yield off, region[off:off + CHUNK_BYTES]
 
 
-class WorkerCheckpoint:
-    """One worker's checkpoint: offload + release, then reacquire + restore."""
+class WorkerPart:
+    """State a feature keeps on one worker (checkpoint, snapshot), found again by the
+    next ``collective_rpc`` through the worker attribute ``ATTR``."""
+
+    ATTR: str
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
         self.device = torch.device(getattr(worker, "device", "cpu"))
-        self.image: HostImage | None = None
-        self._memory: DeviceMemory | None = None
-        self._codec: ByteplaneCodec | None = None
+
+    @classmethod
+    def of(cls, worker: Any) -> Any:
+        worker = unwrap_worker(worker)
+        part = getattr(worker, cls.ATTR, None)
+        if part is None:
+            part = cls(worker)
+            setattr(worker, cls.ATTR, part)
+        return part
 
     def _kv_caches(self) -> list[torch.Tensor]:
         kv = getattr(self.worker.model_runner, "kv_caches", None) or []
         return list(kv.values()) if isinstance(kv, dict) else list(kv)
+
+    def _num_blocks(self) -> int:
+        return int(self.worker.vllm_config.cache_config.num_gpu_blocks or 0)
+
+
+class WorkerCheckpoint(WorkerPart):
+    """One worker's checkpoint: offload + release, then reacquire + restore."""
+
+    ATTR = "ha_checkpoint"
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__(worker)
+        self.image: HostImage | None = None
+        self._memory: DeviceMemory | None = None
+        self._codec: ByteplaneCodec | None = None
 
     def _make_memory(self) -> DeviceMemory:
         if self.device.type == "cuda":
@@ -271,9 +295,6 @@ class WorkerCheckpoint:
         num_blocks = self._num_blocks()
         per_block = sum(t.numel() // num_blocks for t in kv) if num_blocks else 0
         return {"weights_raw": weights, "kv_raw": per_block * len(kv_block_ids)}
-
-    def _num_blocks(self) -> int:
-        return int(self.worker.vllm_config.cache_config.num_gpu_blocks or 0)
 
     @torch.inference_mode()
     def offload(self, kv_block_ids: list[int], codec_name: str) -> dict[str, Any]:
@@ -368,22 +389,14 @@ class WorkerCheckpoint:
 # -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
 
 
-def _state(worker: Any) -> WorkerCheckpoint:
-    worker = unwrap_worker(worker)
-    ckpt = getattr(worker, "ha_checkpoint", None)
-    if ckpt is None:
-        ckpt = worker.ha_checkpoint = WorkerCheckpoint(worker)
-    return ckpt
-
-
 def rpc_checkpoint_plan(worker: Any, kv_block_ids: list[int]) -> dict[str, int]:
-    return _state(worker).plan(kv_block_ids)
+    return WorkerCheckpoint.of(worker).plan(kv_block_ids)
 
 
 def rpc_checkpoint_offload(worker: Any, kv_block_ids: list[int], codec: str
                            ) -> dict[str, Any]:
-    return _state(worker).offload(kv_block_ids, codec)
+    return WorkerCheckpoint.of(worker).offload(kv_block_ids, codec)
 
 
 def rpc_checkpoint_restore(worker: Any) -> dict[str, Any]:
-    return _state(worker).restore()
+    return WorkerCheckpoint.of(worker).restore()

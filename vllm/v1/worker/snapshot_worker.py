@@ -33,12 +33,12 @@ from vllm.v1.checkpoint.snapshot import PieceHasher, SnapshotError, write_file
 from vllm.v1.worker.checkpoint_worker import (
     CHUNK_BYTES,
     HostChunk,
+    WorkerPart,
     _decode_into,
     _encode,
     make_codec,
 )
 from vllm.v1.worker.kv_mirror_transport import unique_tensors
-from vllm.v1.worker.kv_mirror_worker import unwrap_worker
 
 logger = init_logger(__name__)
 
@@ -123,26 +123,20 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-class WorkerSnapshot:
+class WorkerSnapshot(WorkerPart):
     """One worker's part of a snapshot: write, and load into a new process."""
 
+    ATTR = "ha_snapshot"
+
     def __init__(self, worker: Any) -> None:
-        self.worker = worker
-        self.device = torch.device(getattr(worker, "device", "cpu"))
+        super().__init__(worker)
         self.rank = int(getattr(worker, "rank", 0) or 0)
         # Weights do not change while serving: a later snapshot links the file this
-        # process wrote instead of encoding them again.
-        self.weights_written: dict[str, Any] | None = None
+        # process wrote (these are its piece checksums) instead of encoding them again.
+        self.weights_written: list[str] | None = None
 
     def _model(self) -> torch.nn.Module:
         return self.worker.model_runner.model
-
-    def _kv_caches(self) -> list[torch.Tensor]:
-        kv = getattr(self.worker.model_runner, "kv_caches", None) or []
-        return list(kv.values()) if isinstance(kv, dict) else list(kv)
-
-    def _num_blocks(self) -> int:
-        return int(self.worker.vllm_config.cache_config.num_gpu_blocks or 0)
 
     @torch.inference_mode()
     def write(self, gen_dir: str, block_ids: list[int], codec_name: str,
@@ -309,19 +303,11 @@ def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.dev
 # -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
 
 
-def _state(worker: Any) -> WorkerSnapshot:
-    worker = unwrap_worker(worker)
-    snap = getattr(worker, "ha_snapshot", None)
-    if snap is None:
-        snap = worker.ha_snapshot = WorkerSnapshot(worker)
-    return snap
-
-
 def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: str,
                        linkable: dict[str, list[str]]) -> dict[str, Any]:
-    return _state(worker).write(gen_dir, block_ids, codec, linkable)
+    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable)
 
 
 def rpc_snapshot_load_kv(worker: Any, gen_dir: str, target_ids: list[int]
                          ) -> dict[str, Any]:
-    return _state(worker).load_kv(gen_dir, target_ids)
+    return WorkerSnapshot.of(worker).load_kv(gen_dir, target_ids)
