@@ -17,8 +17,7 @@ from torch import nn
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm.config import ModelConfig, VllmConfig
-from vllm.v1.checkpoint.snapshot import SnapshotError
-from vllm.v1.engine.snapshot import LOAD_FORMAT, check_identity
+from vllm.v1.engine.snapshot import check_identity, snapshot_path
 from vllm.v1.worker.snapshot_worker import load_weights
 
 
@@ -26,11 +25,7 @@ class SnapshotModelLoader(BaseModelLoader):
     """Loads weights from ``model_loader_extra_config["snapshot"]``."""
 
     def _gen(self) -> Path:
-        path = (self.load_config.model_loader_extra_config or {}).get("snapshot")
-        if not path:
-            raise SnapshotError(f"--load-format {LOAD_FORMAT} needs "
-                                "--model-loader-extra-config '{\"snapshot\": DIR}'")
-        return Path(path)
+        return Path(snapshot_path(self.load_config))
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
                    prefix: str = "") -> nn.Module:

@@ -80,9 +80,12 @@ def identity(vllm_config: VllmConfig) -> dict[str, Any]:
 def snapshot_dir(vllm_config: VllmConfig) -> str | None:
     """The snapshot generation this engine loads from (``--restore-from``), if any."""
     lc = vllm_config.load_config
-    if lc.load_format != LOAD_FORMAT:
-        return None
-    path = (lc.model_loader_extra_config or {}).get("snapshot")
+    return snapshot_path(lc) if lc.load_format == LOAD_FORMAT else None
+
+
+def snapshot_path(load_config: Any) -> str:
+    """``--model-loader-extra-config``'s snapshot, which the load format needs."""
+    path = (load_config.model_loader_extra_config or {}).get("snapshot")
     if not path:
         raise SnapshotError(f"--load-format {LOAD_FORMAT} needs "
                             "--model-loader-extra-config '{\"snapshot\": DIR}'")
