@@ -17,6 +17,7 @@ block size, distribution version) before anything is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -174,7 +175,7 @@ class SnapshotWriter:
     def commit(self, identity: dict[str, Any], ha_version: str,
                meta: dict[str, Any] | None = None) -> Snapshot:
         """Manifest last, then swap ``CURRENT``: the snapshot is whole or absent."""
-        try:
+        with self.undo_on_failure():
             for rel, entry in self.files.items():
                 if not (self.path / rel).is_file():
                     raise SnapshotError(f"{rel} was announced but not written")
@@ -199,6 +200,18 @@ class SnapshotWriter:
             os.symlink(self.path.name, link)
             os.replace(link, self.base / CURRENT)
             _fsync_dir(self.base)
+        self.store._collect(self.base, keep=self.path.name)
+        return Snapshot(self.path, manifest)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def undo_on_failure(self):
+        """Any failure removes this generation; an OSError (a full disk, a lost
+        mount) becomes a SnapshotError saying the previous snapshot is unchanged."""
+        try:
+            yield
         except OSError as e:
             self.abort()
             raise SnapshotError(f"writing snapshot {self.name!r} failed ({e}); the previous "
@@ -206,11 +219,6 @@ class SnapshotWriter:
         except BaseException:
             self.abort()
             raise
-        self.store._collect(self.base, keep=self.path.name)
-        return Snapshot(self.path, manifest)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 class SnapshotStore:
@@ -258,16 +266,9 @@ class SnapshotStore:
               meta: dict[str, Any] | None = None) -> Snapshot:
         """Write a new generation of ``name`` and make it current, or leave all as was."""
         writer = self.begin(name)
-        try:
+        with writer.undo_on_failure():
             for rel, content in files:
                 writer.write_file(rel, content)
-        except OSError as e:
-            writer.abort()
-            raise SnapshotError(f"writing snapshot {name!r} failed ({e}); the previous "
-                                "snapshot is unchanged") from None
-        except BaseException:
-            writer.abort()
-            raise
         return writer.commit(identity, ha_version, meta)
 
     def _manifest(self, base: Path) -> Snapshot:
