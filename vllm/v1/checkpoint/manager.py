@@ -24,6 +24,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from vllm.logger import init_logger
 
 from vllm.ha import envs as ha_envs
+from vllm.ha.metrics import ProcessMetrics
 from vllm.v1.checkpoint.driver import (
     DriverCheckpoint,
     DriverCheckpointUnavailable,
@@ -91,9 +92,7 @@ class CheckpointOptions:
                 "use auto, zlib or none")
 
 
-class CheckpointMetrics:
-    _instance: CheckpointMetrics | None = None
-
+class CheckpointMetrics(ProcessMetrics):
     def __init__(self) -> None:
         from prometheus_client import Gauge, Histogram
 
@@ -108,12 +107,6 @@ class CheckpointMetrics:
         self.held = Gauge("vllm:checkpoint_requests_held",
                           "Requests waiting for the server to serve again")
 
-    @classmethod
-    def get(cls) -> CheckpointMetrics:
-        # One per process: prometheus refuses a second registration of a name.
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
 
     def set_state(self, state: CheckpointState) -> None:
         for s in CheckpointState:

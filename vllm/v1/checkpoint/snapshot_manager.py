@@ -22,6 +22,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm.ha.metrics import ProcessMetrics
 from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
 from vllm.v1.engine.snapshot import copy_model_files, ha_version
 
@@ -61,8 +62,7 @@ class SnapshotConfig:
                    getattr(args, "snapshot_interval", None))
 
 
-class SnapshotMetrics:
-    _instance: SnapshotMetrics | None = None
+class SnapshotMetrics(ProcessMetrics):
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge
@@ -77,11 +77,6 @@ class SnapshotMetrics:
         self.failures = Counter("vllm:snapshot_failures",
                                 "Snapshots that failed (the previous one stays valid)")
 
-    @classmethod
-    def get(cls) -> SnapshotMetrics:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
 
 
 class SnapshotManager:

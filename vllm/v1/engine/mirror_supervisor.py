@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
+from vllm.ha.metrics import ProcessMetrics
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
@@ -85,10 +87,9 @@ class MirrorState:
     updated_at: float = 0.0
 
 
-class MirrorMetrics:
+class MirrorMetrics(ProcessMetrics):
     """Prometheus series of the mirror, in the API server's registry."""
 
-    _instance: MirrorMetrics | None = None
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -135,12 +136,6 @@ class MirrorMetrics:
             "Engine steps from a step's scheduling to its blocks confirmed on the standby.",
             buckets=(0, 1, 2, 3, 4, 8, 16, 32, 64))
 
-    @classmethod
-    def get(cls) -> MirrorMetrics:
-        # One set per process (a server restarted in-process must not re-register).
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
 
 
 class StandbyEngine:
