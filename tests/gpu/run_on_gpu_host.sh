@@ -19,6 +19,19 @@ cd "$ROOT"
 export VLLM_HA_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 VLLM_HA_TEST_LOG_DIR=$LOG
 what=${1:-all}
 rc=0
+bench_model() {
+  # A ~1B or ~8B Llama shape without weights (served with --load-format dummy): sets
+  # shape, model and the --gpu-memory-utilization it is benchmarked with.
+  shape=$1
+  model=/tmp/models/llama-$shape
+  if [ "$shape" = 8b ]; then
+    dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"; util=0.5
+  else
+    dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"; util=0.3
+  fi
+  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 \
+    --max-pos 16384 --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
+}
 case "$what" in bench-*)
   # Servers run in their own sessions: one left by a call cut at its time limit keeps
   # its GPU memory and starves the next run's engines.
@@ -92,15 +105,7 @@ if [ "$what" = bench-failover ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = bench-checkpoint ]; then
-  shape=${2:-1b}
-  model=/tmp/models/llama-$shape
-  if [ "$shape" = 8b ]; then
-    dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"; util=0.5
-  else
-    dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"; util=0.3
-  fi
-  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 \
-    --max-pos 16384 --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
+  bench_model "${2:-1b}"
   python3 "$ROOT/benchmarks/checkpoint_restore.py" "$model" --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096" \
     ${MODES:+--modes $MODES} --out "$LOG/checkpoint_restore_$shape.json" \
@@ -113,15 +118,7 @@ if [ "$what" = snapshot ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = bench-snapshot ]; then
-  shape=${2:-1b}
-  model=/tmp/models/llama-$shape
-  if [ "$shape" = 8b ]; then
-    dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"; util=0.5
-  else
-    dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"; util=0.3
-  fi
-  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 \
-    --max-pos 16384 --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
+  bench_model "${2:-1b}"
   python3 "$ROOT/benchmarks/snapshot_restore.py" "$model" --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096 --enable-sleep-mode" \
     --out "$LOG/snapshot_restore_$shape.json" 2>&1 | tee "$LOG/bench-snapshot-$shape.log"
