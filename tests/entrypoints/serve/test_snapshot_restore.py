@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 # release is refused (409): checkpoints here stop at the offload.
 KEEP_GPU = {"release_gpu": False} if ON_CUDA else {}
 OTHER = "A second prompt the snapshot also keeps: " + "five six seven eight " * 10
+THIRD = "A third prompt, cached only after the first snapshot: " + "nine ten eleven " * 12
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +77,20 @@ def test_snapshot_restores_into_a_new_server_without_the_model(server, root, tmp
     files = snap.manifest["files"]
     assert "model/config.json" in files and "model/tokenizer.json" in files
     assert not any(f.endswith(".safetensors") for f in files)
-    # A second snapshot writes only what changed: the weights are linked.
+    # A second snapshot writes only what changed: the weights and the KV are linked.
     second = snapshot(server, "s1")
     assert second["bytes_linked"] > 0.9 * second["bytes"] and second["bytes_written"] < (
         first["bytes_written"] / 4)
+    assert second["kv_blocks_written"] == 0 and second["kv_blocks"] == first["kv_blocks"]
     assert current(root, "s1") == "g000002" and not (root / "s1" / "g000001").exists()
-    # The lost node: a new server from the snapshot alone (no model, no weights files).
+    # New blocks only go into the third generation's own KV segment.
+    refs[THIRD] = tokens(complete(server, THIRD))
+    third = snapshot(server, "s1")
+    assert 0 < third["kv_blocks_written"] < third["kv_blocks"], third
+    files = SnapshotStore(root).read("s1").manifest["files"]
+    assert "kv/g000001.rank0.bin" in files and "kv/g000003.rank0.bin" in files
+    # The lost node: a new server from the snapshot alone (no model, no weights files);
+    # its prefix cache comes from both segments.
     with RemoteServer("", ["--restore-from", str(root / "s1")],
                       tmp_path / "restored.log", env=child_env()) as restored:
         for p, ref in refs.items():

@@ -32,7 +32,7 @@ def test_round_trip_and_manifest(store):
     got = store.read("s1", expect=IDENTITY, ha_version=HA)
     assert got.path == snap.path and got.identity == IDENTITY
     m = got.manifest
-    assert m["format"] == "vllm-ha-snapshot" and m["format_version"] == 1
+    assert m["format"] == "vllm-ha-snapshot" and m["format_version"] == 2
     assert m["ha_version"] == HA and set(m["files"]) == {
         "weights/part0.bin", "weights/part1.bin", "weights/part2.bin", "kv/hashes.json"}
     assert got.file("weights/part1.bin").read_bytes() == b"A" * 4096

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "vllm-ha-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: KV in segments (kv/blocks.json 'segments')
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 # Files are checksummed in pieces: a reader verifies them in parallel (sha256 runs at

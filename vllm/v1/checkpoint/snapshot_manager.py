@@ -118,7 +118,8 @@ class SnapshotManager:
                 prev = writer.previous.manifest["files"] if writer.previous else {}
                 linkable = {rel: e["sha256"] for rel, e in prev.items()}
                 res = await self.client.engine_core.call_utility_async(
-                    "snapshot_write", str(writer.path), codec, linkable)
+                    "snapshot_write", str(writer.path), codec, linkable,
+                    str(writer.previous.path) if writer.previous else None)
                 t_engine = time.perf_counter()
                 for rel, entry in res["files"].items():
                     writer.add(rel, entry)
@@ -155,6 +156,7 @@ class SnapshotManager:
                 "name": name, "path": str(snap.path), "bytes": size,
                 "bytes_written": size - writer.linked_bytes,
                 "bytes_linked": writer.linked_bytes, "kv_blocks": res["kv_blocks"],
+                "kv_blocks_written": res["kv_blocks_written"],
                 "codec": res["codec"], "seconds": round(total, 3),
                 "engine_pause_seconds": round(res["seconds"], 3),
                 "commit_seconds": round(time.perf_counter() - t_engine, 3),
@@ -166,9 +168,10 @@ class SnapshotManager:
             self.metrics.bytes.labels(form="written").set(size - writer.linked_bytes)
             self.metrics.last_success.set(time.time())
             logger.info("Snapshot %s: %.2f GiB (%.2f GiB written, the rest linked), %d KV "
-                        "blocks, %.2f s (engine paused %.2f s) -> %s", name, size / 2**30,
-                        (size - writer.linked_bytes) / 2**30, res["kv_blocks"], total,
-                        res["seconds"], snap.path)
+                        "blocks (%d written), %.2f s (engine paused %.2f s) -> %s", name,
+                        size / 2**30, (size - writer.linked_bytes) / 2**30,
+                        res["kv_blocks"], res["kv_blocks_written"], total, res["seconds"],
+                        snap.path)
             return dict(self.last)
 
     # -- periodic -------------------------------------------------------------------

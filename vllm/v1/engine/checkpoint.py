@@ -17,11 +17,14 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm.v1.checkpoint.snapshot import SnapshotError
 from vllm.v1.engine.snapshot import (
     BLOCKS_FILE,
+    KVPlan,
     SnapshotKVRestore,
     cached_block_hashes,
     identity,
+    read_blocks_file,
     snapshot_dir,
     write_blocks_file,
 )
@@ -30,7 +33,12 @@ from vllm.v1.worker.checkpoint_worker import (
     rpc_checkpoint_plan,
     rpc_checkpoint_restore,
 )
-from vllm.v1.worker.snapshot_worker import rpc_snapshot_load_kv, rpc_snapshot_write
+from vllm.v1.worker.snapshot_worker import (
+    kv_segment_files,
+    rpc_snapshot_load_kv,
+    rpc_snapshot_weights_linkable,
+    rpc_snapshot_write,
+)
 
 logger = init_logger(__name__)
 
@@ -82,21 +90,35 @@ class EngineCoreCheckpointMixin:
 
     # -- snapshots on disk (issue 6) -------------------------------------------------
 
-    def snapshot_write(self, gen_dir: str, codec: str,
-                       linkable: dict[str, list[str]]) -> dict[str, Any]:
-        """Weights and the prefix cache's blocks (with their hashes) into ``gen_dir``.
+    def snapshot_write(self, gen_dir: str, codec: str, linkable: dict[str, list[str]],
+                       previous_dir: str | None = None) -> dict[str, Any]:
+        """Weights and the prefix cache's blocks (with their hashes) into ``gen_dir``;
+        what ``previous_dir`` (the generation it replaces) holds of them is linked.
         Runs between steps: the engine is paused for exactly this long."""
         t0 = time.perf_counter()
         pool = self.scheduler.kv_cache_manager.block_pool  # type: ignore[attr-defined]
+        executor = self.model_executor  # type: ignore[attr-defined]
         ids, entries = cached_block_hashes(pool)
-        workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
-            rpc_snapshot_write, args=(gen_dir, ids, codec, linkable))
-        files = {BLOCKS_FILE: write_blocks_file(Path(gen_dir), entries)}
+        previous = None
+        if previous_dir is not None and all(executor.collective_rpc(
+                rpc_snapshot_weights_linkable, args=(linkable,))):
+            try:
+                previous = read_blocks_file(Path(previous_dir))
+            except SnapshotError as e:
+                logger.warning("Snapshot: the previous KV is not reused: %s", e)
+        gen = Path(gen_dir)
+        plan = KVPlan.make(gen.name, ids, entries, previous)
+        workers = executor.collective_rpc(
+            rpc_snapshot_write, args=(gen_dir, plan.write_ids, codec, linkable, plan.segment))
+        files = {BLOCKS_FILE: write_blocks_file(gen, plan)}
         link: set[str] = set()
         for w in workers:
             files.update(w["files"])
             link.update(w["link"])
+            for seg in plan.keep:
+                link.update(kv_segment_files(seg, w["rank"]))
         return {"files": files, "link": sorted(link), "kv_blocks": len(ids),
+                "kv_blocks_written": len(plan.write_ids),
                 "codec": workers[0]["codec"],
                 "identity": identity(self.vllm_config),  # type: ignore[attr-defined]
                 "seconds": time.perf_counter() - t0,

@@ -10,6 +10,14 @@ blocks a finished request leaves, and like the standby's ingest of mirrored bloc
 Block hashes chain from ``NONE_HASH``, a per-process random seed unless
 ``PYTHONHASHSEED`` is set: the snapshot carries it and the new engine adopts it, or
 no prompt could ever hit a restored block.
+
+KV is written in segments, so that a periodic snapshot costs what changed: a block's
+bytes are fixed by its hash (the KV of that token prefix under these weights), so a
+block that a segment of the previous generation holds is referenced there and that
+segment's files are hard-linked; only new blocks go into the generation's own segment.
+A previous segment with less than half of its blocks still cached is not kept: its
+live blocks are written again (compaction), so dead bytes do not pile up. Segments are
+reused only when the weights are too (same process, same weights).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +42,8 @@ logger = init_logger(__name__)
 
 LOAD_FORMAT = "ha_snapshot"
 BLOCKS_FILE = "kv/blocks.json"
+# A previous KV segment is kept (linked) while at least this share of it is cached.
+SEGMENT_MIN_LIVE = 0.5
 # Weights files never go into model/: the snapshot holds the weights itself.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5",
                     ".ckpt", ".npz")
@@ -147,10 +158,62 @@ def none_hash() -> str:
     return bytes(kv_cache_utils.NONE_HASH).hex()
 
 
-def write_blocks_file(gen: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class KVPlan:
+    """Where each cached block's bytes go (or are) in a new generation."""
+
+    segment: str  # the generation's own segment
+    write_ids: list[int] = field(default_factory=list)  # its blocks, in row order
+    keep: list[str] = field(default_factory=list)  # previous segments linked
+    segments: dict[str, int] = field(default_factory=dict)  # name -> rows
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # blocks.json entries
+
+    @classmethod
+    def make(cls, segment: str, ids: list[int], entries: list[dict[str, Any]],
+             previous: dict[str, Any] | None) -> KVPlan:
+        """``previous``: the previous generation's blocks.json (None: write all)."""
+        plan = cls(segment)
+        where: dict[str, tuple[str, int]] = {}
+        if previous is not None and previous.get("none_hash") == none_hash():
+            for e in previous["blocks"]:
+                for h in e["hashes"]:
+                    where.setdefault(h, (e["seg"], e["row"]))
+        found = [where.get(e["hashes"][0]) for e in entries]
+        live: dict[str, set[int]] = {}
+        for f in found:
+            if f is not None:
+                live.setdefault(f[0], set()).add(f[1])
+        sizes = previous["segments"] if previous is not None else {}
+        plan.keep = sorted(seg for seg, rows in live.items()
+                           if len(rows) >= SEGMENT_MIN_LIVE * sizes.get(seg, 0))
+        plan.segments = {seg: sizes[seg] for seg in plan.keep}
+        for block_id, entry, f in zip(ids, entries, found):
+            if f is not None and f[0] in plan.segments:
+                seg, row = f
+            else:
+                seg, row = segment, len(plan.write_ids)
+                plan.write_ids.append(block_id)
+            plan.blocks.append({**entry, "seg": seg, "row": row})
+        if plan.write_ids:
+            plan.segments[segment] = len(plan.write_ids)
+        return plan
+
+
+def read_blocks_file(gen: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((gen / BLOCKS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{gen / BLOCKS_FILE} cannot be read: {e}") from None
+    if "segments" not in data:
+        raise SnapshotError(f"{gen / BLOCKS_FILE} has no KV segments (an older format)")
+    return data
+
+
+def write_blocks_file(gen: Path, plan: KVPlan) -> dict[str, Any]:
     (gen / "kv").mkdir(parents=True, exist_ok=True)
     return write_file(gen / BLOCKS_FILE, json.dumps(
-        {"none_hash": none_hash(), "blocks": entries}).encode())
+        {"none_hash": none_hash(), "segments": plan.segments,
+         "blocks": plan.blocks}).encode())
 
 
 class SnapshotKVRestore:
@@ -161,13 +224,14 @@ class SnapshotKVRestore:
         self.block_pool = block_pool
 
     def run(self, write_blocks) -> dict[str, Any]:
-        """``write_blocks(gen_dir, target_ids)`` runs the workers' load."""
+        """``write_blocks(gen_dir, placements)`` runs the workers' load (placements:
+        per segment, (row, target block id) pairs)."""
         from vllm.v1.core.kv_cache_utils import BlockHash
 
         from vllm.v1.core import kv_cache_utils
 
         t0 = time.perf_counter()
-        data = json.loads((self.gen / BLOCKS_FILE).read_text())
+        data = read_blocks_file(self.gen)
         kv_cache_utils.NONE_HASH = BlockHash(bytes.fromhex(data["none_hash"]))
         entries = data["blocks"]
         pool = self.block_pool
@@ -177,7 +241,10 @@ class SnapshotKVRestore:
             return {"blocks": 0, "skipped": len(entries), "seconds": 0.0}
         n = min(len(entries), pool.get_num_free_blocks())
         blocks = pool.get_new_blocks(n) if n else []
-        write_blocks(str(self.gen), [b.block_id for b in blocks])
+        placements: dict[str, list[tuple[int, int]]] = {}
+        for block, entry in zip(blocks, entries):
+            placements.setdefault(entry["seg"], []).append((entry["row"], block.block_id))
+        write_blocks(str(self.gen), placements)
         for block, entry in zip(blocks, entries):
             for h in entry["hashes"]:
                 pool._insert_block_hash(bytes.fromhex(h), block,  # type: ignore[arg-type]

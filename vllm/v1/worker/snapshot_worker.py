@@ -10,10 +10,13 @@ device after (a restore reads compressed bytes from disk into pinned memory, cop
 them up and decodes them in place).
 
 Files of one rank ``r``: ``weights/rank{r}.bin`` + ``weights/rank{r}.json`` (index:
-per tensor its chunks and planes at file offsets) and ``kv/rank{r}.bin`` +
-``kv/rank{r}.json`` (per KV tensor, chunks of blocks in the order of the engine's
-block list). Each file is fsynced and checksummed in pieces as it is written; the
-engine adds the entries to the manifest (:class:`vllm.v1.checkpoint.snapshot.SnapshotWriter`).
+per tensor its chunks and planes at file offsets) and, per KV segment ``S``,
+``kv/S.rank{r}.bin`` + ``kv/S.rank{r}.json`` (per KV tensor, chunks of the segment's
+blocks in order). A snapshot writes one new segment, with the blocks that no segment
+of the previous generation holds; the engine links the rest
+(:mod:`vllm.v1.engine.snapshot`). Each file is fsynced and checksummed in pieces as it
+is written; the engine adds the entries to the manifest
+(:class:`vllm.v1.checkpoint.snapshot.SnapshotWriter`).
 """
 
 from __future__ import annotations
@@ -138,34 +141,46 @@ class WorkerSnapshot(WorkerPart):
     def _model(self) -> torch.nn.Module:
         return self.worker.model_runner.model
 
+    def _weights_files(self) -> tuple[str, str]:
+        return f"weights/rank{self.rank}.bin", f"weights/rank{self.rank}.json"
+
+    def weights_linkable(self, linkable: dict[str, list[str]]) -> bool:
+        """The previous generation holds the weights this process wrote (so they, and
+        the KV blocks computed with them, can be linked instead of written)."""
+        w_bin, w_idx = self._weights_files()
+        return (self.weights_written is not None and w_idx in linkable
+                and linkable.get(w_bin) == self.weights_written)
+
     @torch.inference_mode()
     def write(self, gen_dir: str, block_ids: list[int], codec_name: str,
-              linkable: dict[str, list[str]]) -> dict[str, Any]:
+              linkable: dict[str, list[str]], kv_segment: str) -> dict[str, Any]:
         """Write this rank's files into ``gen_dir``; entries for the manifest.
         ``linkable``: rel -> piece checksums of the previous generation's files; the
-        weights file is linked, not written, if it is the one this process wrote."""
+        weights file is linked, not written, if it is the one this process wrote.
+        ``block_ids``: the blocks of the new KV segment ``kv_segment`` (none: no
+        segment is written)."""
         t0 = time.perf_counter()
         gen = Path(gen_dir)
         codec = make_codec(codec_name, self.device)
         pin = self.device.type == "cuda"
         files: dict[str, Any] = {}
         linked: list[str] = []
-        w_bin, w_idx = f"weights/rank{self.rank}.bin", f"weights/rank{self.rank}.json"
-        if (self.weights_written is not None and w_idx in linkable
-                and linkable.get(w_bin) == self.weights_written):
+        w_bin, w_idx = self._weights_files()
+        if self.weights_linkable(linkable):
             linked = [w_bin, w_idx]
         else:
             files.update(self._write_weights(gen, w_bin, w_idx, codec, pin))
             self.weights_written = files[w_bin]["sha256"]
         t_weights = time.perf_counter()
-        files.update(self._write_kv(gen, block_ids, codec, pin))
+        if block_ids:
+            files.update(self._write_kv(gen, kv_segment, block_ids, codec, pin))
         if self.device.type == "cuda":
             # Nothing of the write may outlive it on the device (a checkpoint may follow).
             torch.cuda.synchronize(self.device)
             gc.collect()
             torch.cuda.empty_cache()
         t_kv = time.perf_counter()
-        return {"files": files, "link": linked,
+        return {"files": files, "link": linked, "rank": self.rank,
                 "codec": codec.codec.name if codec else "none",
                 "seconds": {"weights": t_weights - t0, "kv": t_kv - t_weights}}
 
@@ -189,26 +204,24 @@ class WorkerSnapshot(WorkerPart):
         entries[w_idx] = write_file(gen / w_idx, json.dumps(index).encode())
         return entries
 
-    def _write_kv(self, gen: Path, block_ids: list[int], codec: ByteplaneCodec | None,
-                  pin: bool) -> dict[str, Any]:
-        k_bin, k_idx = f"kv/rank{self.rank}.bin", f"kv/rank{self.rank}.json"
+    def _write_kv(self, gen: Path, segment: str, block_ids: list[int],
+                  codec: ByteplaneCodec | None, pin: bool) -> dict[str, Any]:
+        k_bin, k_idx = kv_segment_files(segment, self.rank)
         (gen / "kv").mkdir(parents=True, exist_ok=True)
         writer = ChunkFileWriter(gen / k_bin)
         index: dict[str, Any] = {"codec": codec.codec.name if codec else "none",
                                  "num_blocks": len(block_ids), "tensors": []}
-        if block_ids:
-            ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-            num_blocks = self._num_blocks()
-            for t in unique_tensors(self._kv_caches()):
-                blocks = t.view(num_blocks, -1)
-                row = blocks.shape[1]
-                rows = max(1, CHUNK_BYTES // row)
-                chunks = []
-                for start in range(0, len(block_ids), rows):
-                    gathered = blocks.index_select(0, ids[start:start + rows])
-                    chunks.append(writer.chunk(
-                        _encode(codec, gathered.view(-1), start, pin)))
-                index["tensors"].append({"row_bytes": row, "chunks": chunks})
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        num_blocks = self._num_blocks()
+        for t in unique_tensors(self._kv_caches()):
+            blocks = t.view(num_blocks, -1)
+            row = blocks.shape[1]
+            rows = max(1, CHUNK_BYTES // row)
+            chunks = []
+            for start in range(0, len(block_ids), rows):
+                gathered = blocks.index_select(0, ids[start:start + rows])
+                chunks.append(writer.chunk(_encode(codec, gathered.view(-1), start, pin)))
+            index["tensors"].append({"row_bytes": row, "chunks": chunks})
         return {k_bin: writer.close(),
                 k_idx: write_file(gen / k_idx, json.dumps(index).encode())}
 
@@ -219,43 +232,70 @@ class WorkerSnapshot(WorkerPart):
         return load_weights(model, Path(gen_dir), self.rank, self.device)
 
     @torch.inference_mode()
-    def load_kv(self, gen_dir: str, target_ids: list[int]) -> dict[str, Any]:
-        """Blocks ``0..len(target_ids)-1`` of the snapshot's list land at ``target_ids``
-        (the snapshot's blocks beyond that are not restored)."""
+    def load_kv(self, gen_dir: str, placements: dict[str, list[tuple[int, int]]]
+                ) -> dict[str, Any]:
+        """``placements``: per segment, (row in the segment, target block id) of every
+        block to restore; rows of a segment that no block wants are not decoded."""
         t0 = time.perf_counter()
         gen = Path(gen_dir)
-        index = json.loads((gen / f"kv/rank{self.rank}.json").read_text())
         kv = unique_tensors(self._kv_caches())
-        if target_ids and len(index["tensors"]) != len(kv):
-            raise SnapshotError(f"the snapshot has {len(index['tensors'])} KV tensors, "
-                                f"this engine {len(kv)}: a different KV layout")
-        codec = codec_for(index["codec"], self.device)
-        reader = ChunkFileReader(gen / f"kv/rank{self.rank}.bin", self.device.type == "cuda")
-        n = len(target_ids)
-        ids = torch.tensor(target_ids, dtype=torch.long, device=self.device)
         num_blocks = self._num_blocks()
-        try:
-            for t, entry in zip(kv, index["tensors"]):
-                blocks = t.view(num_blocks, -1)
-                row = blocks.shape[1]
-                if row != entry["row_bytes"]:
-                    raise SnapshotError(f"a KV block is {entry['row_bytes']} bytes in the "
-                                        f"snapshot, {row} here: a different KV layout")
-                for c in entry["chunks"]:
-                    start = c["offset"]
-                    if start >= n:
-                        break
-                    rows = c["nbytes"] // row
-                    staging = torch.empty(c["nbytes"], dtype=torch.uint8, device=self.device)
-                    _decode_into(codec, reader.chunk(c), staging)
-                    take = min(rows, n - start)
-                    blocks.index_copy_(0, ids[start:start + take],
-                                       staging.view(rows, -1)[:take])
-        finally:
-            reader.close()
+        n = 0
+        for segment, wanted in placements.items():
+            if not wanted:
+                continue
+            k_bin, k_idx = kv_segment_files(segment, self.rank)
+            index = json.loads((gen / k_idx).read_text())
+            if len(index["tensors"]) != len(kv):
+                raise SnapshotError(f"the snapshot has {len(index['tensors'])} KV tensors, "
+                                    f"this engine {len(kv)}: a different KV layout")
+            rows_wanted = sorted(wanted)
+            codec = codec_for(index["codec"], self.device)
+            reader = ChunkFileReader(gen / k_bin, self.device.type == "cuda")
+            try:
+                for t, entry in zip(kv, index["tensors"]):
+                    self._load_segment_tensor(t.view(num_blocks, -1), entry, rows_wanted,
+                                              codec, reader)
+            finally:
+                reader.close()
+            n += len(wanted)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return {"blocks": n, "seconds": time.perf_counter() - t0}
+
+    def _load_segment_tensor(self, blocks: torch.Tensor, entry: dict[str, Any],
+                             rows_wanted: list[tuple[int, int]],
+                             codec: ByteplaneCodec | None, reader: ChunkFileReader) -> None:
+        row = blocks.shape[1]
+        if row != entry["row_bytes"]:
+            raise SnapshotError(f"a KV block is {entry['row_bytes']} bytes in the "
+                                f"snapshot, {row} here: a different KV layout")
+        i = 0
+        for c in entry["chunks"]:
+            start, rows = c["offset"], c["nbytes"] // row
+            if i < len(rows_wanted) and rows_wanted[i][0] < start:
+                break  # the chunks skip it: reported below
+            j = i
+            while j < len(rows_wanted) and rows_wanted[j][0] < start + rows:
+                j += 1
+            if i == j:
+                continue
+            staging = torch.empty(c["nbytes"], dtype=torch.uint8, device=self.device)
+            _decode_into(codec, reader.chunk(c), staging)
+            src = torch.tensor([r - start for r, _ in rows_wanted[i:j]], dtype=torch.long,
+                               device=self.device)
+            dst = torch.tensor([b for _, b in rows_wanted[i:j]], dtype=torch.long,
+                               device=self.device)
+            blocks.index_copy_(0, dst, staging.view(rows, -1).index_select(0, src))
+            i = j
+        if i < len(rows_wanted):
+            raise SnapshotError(f"KV row {rows_wanted[i][0]} is not in its segment: the "
+                                "snapshot's block list and KV files disagree")
+
+
+def kv_segment_files(segment: str, rank: int) -> tuple[str, str]:
+    """The KV files of one rank's part of a segment (bytes, index)."""
+    return f"kv/{segment}.rank{rank}.bin", f"kv/{segment}.rank{rank}.json"
 
 
 def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.device
@@ -303,11 +343,15 @@ def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.dev
 # -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
 
 
+def rpc_snapshot_weights_linkable(worker: Any, linkable: dict[str, list[str]]) -> bool:
+    return WorkerSnapshot.of(worker).weights_linkable(linkable)
+
+
 def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: str,
-                       linkable: dict[str, list[str]]) -> dict[str, Any]:
-    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable)
+                       linkable: dict[str, list[str]], kv_segment: str) -> dict[str, Any]:
+    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable, kv_segment)
 
 
-def rpc_snapshot_load_kv(worker: Any, gen_dir: str, target_ids: list[int]
-                         ) -> dict[str, Any]:
-    return WorkerSnapshot.of(worker).load_kv(gen_dir, target_ids)
+def rpc_snapshot_load_kv(worker: Any, gen_dir: str,
+                         placements: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
+    return WorkerSnapshot.of(worker).load_kv(gen_dir, placements)
