@@ -77,9 +77,10 @@ class Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             st = requests.get(self.url + "/mirror?refresh=true", timeout=30).json()
-            if st["state"] == "in_sync":
+            # Settled: caught up and every copy issued confirmed.
+            if st["state"] == "in_sync" and st["lag_blocks"] == 0 and not st["backlog_blocks"]:
                 return time.monotonic() - t0
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"mirror not in sync in {timeout} s")
 
     def set_mirror(self, on: bool, timeout: float) -> None:

@@ -10,9 +10,9 @@ forward never waits on it. On CPU the forward is done when ``push`` is called, a
 WRITE starts at once on the worker's thread. A standby that fails never fails the
 primary: its steps are reported failed and the tracker unpins their blocks.
 
-Lag is counted in forwards: a step's lag is the number of forwards the worker had
-launched after the step's own when its bytes were confirmed on the standby (0: before
-the next one was launched). It is what a failover at that moment would recompute, in
+Lag is counted in forwards: a step's lag is the number of forwards (with tokens) the
+worker had launched after the step's own when its bytes were confirmed on the standby
+(0: before the next one was launched). It is what a failover at that moment would recompute, in
 steps; the scheduler learns of the completion one or two steps later (async
 scheduling), which only delays unpinning.
 """
@@ -347,7 +347,8 @@ class WorkerMirror:
         return self.transport.agent.get_agent_metadata()
 
     def after_forward(self, scheduler_output: Any) -> None:
-        self.forwards += 1
+        if scheduler_output.total_num_scheduled_tokens:
+            self.forwards += 1  # idle steps (a catch-up on an idle engine) compute nothing
         ops = scheduler_output.mirror_ops
         if ops is None:
             return
