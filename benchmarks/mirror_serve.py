@@ -9,6 +9,14 @@ For each concurrency: decode tokens/s (output tokens / wall time of the batch, e
 request ``ignore_eos`` with the same output length) off and on, and the ratio; TTFT of
 long prompts (streamed, first token) off and on; with the mirror on, lag in steps
 p50/p99 (``vllm:mirror_lag_steps``) and bytes/s mirrored. Writes JSON to --out.
+
+Between-server drift (5-20 % on the H100) is larger than the effect, so
+``--interleave N`` measures inside one mirrored server's lifetime instead: N rounds,
+each with the mirror paused (``POST /mirror/pause``) and on (resumed and back in sync),
+in alternating order; the ratio is the median of the N paired on/off ratios, printed
+with their spread and the off-vs-off ratio of neighbouring rounds (the noise floor).
+"Off" there is the paused mirror (hooks present, tracker detached, an idle standby on
+the peer); the plain server run first says whether that differs from no mirror at all.
 """
 
 from __future__ import annotations
@@ -69,10 +77,18 @@ class Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             st = requests.get(self.url + "/mirror?refresh=true", timeout=30).json()
-            if st["state"] == "in_sync":
+            # Settled: caught up and every copy issued confirmed.
+            if st["state"] == "in_sync" and st["lag_blocks"] == 0 and not st["backlog_blocks"]:
                 return time.monotonic() - t0
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"mirror not in sync in {timeout} s")
+
+    def set_mirror(self, on: bool, timeout: float) -> None:
+        """Pause or resume the mirror; on: wait until the standby is back in sync."""
+        r = requests.post(self.url + ("/mirror/resume" if on else "/mirror/pause"), timeout=120)
+        r.raise_for_status()
+        if on:
+            self.wait_mirror(timeout)
 
     def metrics(self) -> dict[str, float]:
         out = {}
@@ -177,21 +193,77 @@ def run(server: Server, a: argparse.Namespace, mirrored: bool) -> dict:
     res["long_prompt_tokens"] = prompt_tokens(url, prompt(7000, a.long_prompt_words))
     if mirrored:
         server.wait_mirror(a.timeout)
-        after = server.metrics()
-        wall = time.monotonic() - t0
-        res["mirror"] = {
-            "lag_steps_p50": histogram_quantile(after, "vllm:mirror_lag_steps", 0.5),
-            "lag_steps_p99": histogram_quantile(after, "vllm:mirror_lag_steps", 0.99),
-            "transfer_s_p50": histogram_quantile(after, "vllm:mirror_transfer_seconds", 0.5),
-            "transfer_s_p99": histogram_quantile(after, "vllm:mirror_transfer_seconds", 0.99),
-            "blocks": after.get("vllm:mirror_blocks_total", 0)
-            - before.get("vllm:mirror_blocks_total", 0),
-            "bytes_per_s": (after.get("vllm:mirror_bytes_total", 0)
-                            - before.get("vllm:mirror_bytes_total", 0)) / wall,
-            "blocks_failed": after.get("vllm:mirror_blocks_failed_total", 0),
-            "verify": server.verify(),
-        }
+        res["mirror"] = mirror_figures(server, before, server.metrics(),
+                                       time.monotonic() - t0)
         res["gpu_processes"] = gpu_processes()
+    return res
+
+
+def mirror_figures(server: Server, before: dict[str, float], after: dict[str, float],
+                   seconds: float) -> dict:
+    def delta(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    return {
+        "lag_steps_p50": histogram_quantile(after, "vllm:mirror_lag_steps", 0.5),
+        "lag_steps_p99": histogram_quantile(after, "vllm:mirror_lag_steps", 0.99),
+        "confirm_steps_p50": histogram_quantile(after, "vllm:mirror_confirm_steps", 0.5),
+        "confirm_steps_p99": histogram_quantile(after, "vllm:mirror_confirm_steps", 0.99),
+        "transfer_s_p50": histogram_quantile(after, "vllm:mirror_transfer_seconds", 0.5),
+        "transfer_s_p99": histogram_quantile(after, "vllm:mirror_transfer_seconds", 0.99),
+        "blocks": delta("vllm:mirror_blocks_total"),
+        "bytes_per_s": delta("vllm:mirror_bytes_total") / seconds,
+        "blocks_failed": after.get("vllm:mirror_blocks_failed_total", 0),
+        "verify": server.verify(),
+    }
+
+
+def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
+    """N rounds of (paused, on) or (on, paused) in one server; paired ratios."""
+    url = server.url
+    res: dict = {"startup_s": round(server.startup_s, 1),
+                 "mirror_ready_s": round(server.wait_mirror(a.timeout), 1), "rounds": []}
+    complete(url, prompt(0, 32), 8)  # warm up
+    before = server.metrics()
+    on_seconds = 0.0
+    for r in range(a.interleave):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        rnd: dict = {}
+        for on in order:
+            server.set_mirror(on, a.timeout)
+            t0 = time.monotonic()
+            side = {"decode_tps": {c: round(decode_tps(url, c, a.prompt_words, a.output_len,
+                                                       100000 * r + 1000 * c), 1)
+                                   for c in a.concurrency},
+                    "ttft_s": round(ttft(url, prompt(7000 + r, a.long_prompt_words)), 4)}
+            if on:
+                server.wait_mirror(a.timeout)  # what the timed part queued, confirmed
+                on_seconds += time.monotonic() - t0
+            rnd["on" if on else "off"] = side
+        res["rounds"].append(rnd)
+        print(f"round {r}: {json.dumps(rnd)}", flush=True)
+    server.set_mirror(True, a.timeout)
+    res["mirror"] = mirror_figures(server, before, server.metrics(), on_seconds)
+    res["long_prompt_tokens"] = prompt_tokens(url, prompt(7000, a.long_prompt_words))
+    res["gpu_processes"] = gpu_processes()
+    rounds = res["rounds"]
+    res["decode_ratio"], res["decode_ratio_range"], res["noise_floor"] = {}, {}, {}
+    for c in a.concurrency:
+        pairs = [x["on"]["decode_tps"][c] / x["off"]["decode_tps"][c] for x in rounds]
+        offs = [x["off"]["decode_tps"][c] for x in rounds]
+        res["decode_ratio"][c] = round(statistics.median(pairs), 4)
+        res["decode_ratio_range"][c] = [round(min(pairs), 4), round(max(pairs), 4)]
+        if len(offs) > 1:  # paused vs paused of neighbouring rounds
+            res["noise_floor"][c] = round(statistics.median(
+                abs(b / a_ - 1) for a_, b in zip(offs, offs[1:])), 4)
+    res["decode_tps"] = {c: round(statistics.median(x["on"]["decode_tps"][c] for x in rounds), 1)
+                         for c in a.concurrency}
+    res["decode_tps_paused"] = {
+        c: round(statistics.median(x["off"]["decode_tps"][c] for x in rounds), 1)
+        for c in a.concurrency}
+    res["ttft_s"] = [x["on"]["ttft_s"] for x in rounds]
+    res["ttft_ratio"] = round(statistics.median(x["on"]["ttft_s"] / x["off"]["ttft_s"]
+                                                for x in rounds), 4)
     return res
 
 
@@ -213,6 +285,12 @@ def main() -> None:
     ap.add_argument("--long-prompt-words", type=int, default=3900,
                     help="TTFT prompt (about 8k tokens with the scripts/make_tiny_model.py tokenizer)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="measure off (paused) and on inside each mirrored server, ROUNDS "
+                         "alternating rounds (see above); the plain server still runs first "
+                         "unless --no-baseline")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="with --interleave: skip the plain server")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--log-dir", default=".")
     ap.add_argument("--out", default=None)
@@ -225,7 +303,7 @@ def main() -> None:
     mirror = ["--mirror-peer", a.peer, *shlex.split(a.mirror_args)]
     if a.peer.startswith("cuda:"):
         mirror.append("--mirror-allow-same-device")
-    runs = [("off", base)]
+    runs = [] if (a.interleave and a.no_baseline) else [("off", base)]
     for t in a.transports:
         runs.append((f"on-{t}", base + mirror + ["--mirror-transport", t]))
     if a.baseline_again:
@@ -235,7 +313,10 @@ def main() -> None:
         server = Server(a.model, args, os.path.join(a.log_dir, f"serve-mirror-{label}.log"),
                         env, a.timeout)
         try:
-            results[label] = run(server, a, mirrored=label.startswith("on"))
+            if a.interleave and label.startswith("on"):
+                results[label] = run_interleaved(server, a)
+            else:
+                results[label] = run(server, a, mirrored=label.startswith("on"))
         finally:
             server.close()
         print(f"{label}: {json.dumps(results[label])}", flush=True)
@@ -243,9 +324,31 @@ def main() -> None:
             with open(a.out + ".partial", "w") as f:
                 json.dump(results, f, indent=2)
 
-    off = results["off"]
     ratios: dict[str, dict] = {}
     ttft_ratios: dict[str, float] = {}
+    if a.interleave:
+        for label, on in results.items():
+            if label.startswith("off"):
+                continue
+            print(f"--- {label}: {a.interleave} interleaved rounds in one server "
+                  "(on vs paused, median of paired ratios)")
+            print(f"{'concurrency':>12} {'paused':>10} {'on':>10} {'ratio':>7} "
+                  f"{'range':>15} {'noise':>7}" + (f" {'plain':>10}" if "off" in results else ""))
+            for c in a.concurrency:
+                lo, hi = on["decode_ratio_range"][c]
+                plain = (f" {results['off']['decode_tps'][c]:>10.1f}" if "off" in results else "")
+                print(f"{c:>12} {on['decode_tps_paused'][c]:>10.1f} {on['decode_tps'][c]:>10.1f} "
+                      f"{on['decode_ratio'][c]:>7.3f} {lo:>7.3f}-{hi:<7.3f} "
+                      f"{on['noise_floor'].get(c, 0):>7.3f}" + plain)
+            ratios[label], ttft_ratios[label] = on["decode_ratio"], on["ttft_ratio"]
+            print(f"TTFT {on['long_prompt_tokens']}-token prompt ratio {on['ttft_ratio']:.3f}")
+            print(f"mirror: {json.dumps(on['mirror'])}")
+        report = {"benchmark": "mirror_serve", "mode": "interleaved",
+                  "date": datetime.datetime.now().isoformat(), "host": platform.node(),
+                  "command": " ".join(sys.argv), "peer": a.peer, "results": results,
+                  "decode_ratio": ratios, "ttft_ratio": ttft_ratios}
+        return write_report(report, a.out)
+    off = results["off"]
     if "off-again" in results:
         drift = {c: round(results["off-again"]["decode_tps"][c] / off["decode_tps"][c], 4)
                  for c in a.concurrency}
@@ -271,6 +374,10 @@ def main() -> None:
               "host": platform.node(), "command": " ".join(sys.argv), "peer": a.peer,
               "results": results, "decode_ratio": ratios, "ttft_ratio": ttft_ratios,
               "baseline_drift": drift if "off-again" in results else None}
+    write_report(report, a.out)
+
+
+def write_report(report: dict, out: str | None) -> None:
     try:
         import torch
         report["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
@@ -279,8 +386,8 @@ def main() -> None:
         report["vllm"] = vllm.__version__
     except Exception:
         pass
-    if a.out:
-        with open(a.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=2)
 
 

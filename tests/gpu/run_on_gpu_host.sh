@@ -2,9 +2,9 @@
 # Run the GPU-host part of the test suite. On the GPU host, after ../shared/gpu's staged
 # install (". /tmp/stage/install.sh" puts upstream vLLM 0.26.0 in /tmp/site):
 #   bash tests/gpu/run_on_gpu_host.sh [apply|check|test|all]   (logs under $OUT or ./gpu-out)
-#   bash tests/gpu/run_on_gpu_host.sh mirror                   (the mirror e2e test on CUDA)
-#   bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b       (benchmarks/mirror_serve.py)
+#   [INTERLEAVE=10] bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b   (benchmarks/mirror_serve.py)
 #   MODES=mirrored bash tests/gpu/run_on_gpu_host.sh bench-failover   (benchmarks/failover_serve.py)
+#   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh mirror    (the mirror e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh failover                 (the failover e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
 #   MODES="..." bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b  (benchmarks/checkpoint_restore.py)
@@ -65,28 +65,20 @@ if [ "$what" = checkpoint ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = mirror ]; then
+  # PYTEST_K="direct and pause": a subset (the whole file takes ~6 min on the H100).
   python3 -m pytest -v -p no:cacheprovider tests/v1/engine/test_mirror_supervisor.py \
-    2>&1 | tee "$LOG/pytest-mirror.log"
+    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$LOG/pytest-mirror.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = bench-mirror ]; then
-  shape=${2:-1b}
-  model=/tmp/models/llama-$shape
-  if [ ! -d "$model" ]; then
-    # Llama-3-8B / -3.2-1B-like shapes, no weights (served with --load-format dummy).
-    if [ "$shape" = 8b ]; then
-      dims="--hidden 4096 --layers 32 --heads 32 --kv-heads 8 --intermediate 14336"
-    else
-      dims="--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192"
-    fi
-    python3 "$ROOT/scripts/make_tiny_model.py" "$model" $dims --vocab 32000 --max-pos 16384 \
-      --dtype bfloat16 --config-only > "$LOG/make-model-$shape.json"
-  fi
-  util=$([ "$shape" = 8b ] && echo 0.4 || echo 0.3)
+  # INTERLEAVE=N: on/paused rounds inside each mirrored server (the ratio that resolves).
+  bench_model "${2:-1b}"
+  util=$([ "$shape" = 8b ] && echo 0.4 || echo 0.3)  # two engines share the GPU
   python3 "$ROOT/benchmarks/mirror_serve.py" "$model" --peer cuda:0 --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 10240" \
     --concurrency 1 32 128 --repeats ${REPEATS:-5} --output-len ${OUTPUT_LEN:-256} \
     --transports ${TRANSPORTS:-staged} ${BASELINE_AGAIN:+--baseline-again} \
+    ${INTERLEAVE:+--interleave $INTERLEAVE} ${NO_BASELINE:+--no-baseline} \
     --out "$LOG/mirror_serve_$shape.json" \
     2>&1 | tee "$LOG/bench-mirror-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1

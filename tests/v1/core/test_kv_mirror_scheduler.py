@@ -3,19 +3,12 @@ slow standby may keep pinned on the primary, and how deferred blocks come back."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import zmq
 
 from tests.v1.core.test_kv_mirror import BLOCK, NUM_BLOCKS, make_manager, make_request, prefill
 from vllm.v1.core.kv_mirror_scheduler import SchedulerMirror, decode_ops
-
-
-@dataclass
-class Completions:  # the shape of ModelRunnerOutput.mirror_completions
-    done: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
+from vllm.v1.worker.kv_mirror_worker import MirrorCompletions as Completions
 
 
 @pytest.fixture
@@ -53,8 +46,11 @@ def test_a_slow_standby_pins_at_most_the_budget_and_gets_the_rest_later(mirrored
     # Then the deferred blocks come back from the backlog, still cached, same hashes.
     second = mirror.take_step_ops()
     assert [b.block_id for b in second.write] == ids[4:]
-    mirror.update_from_output(Completions(done=[second.seq]))
+    mirror.update_from_output(Completions(done=[second.seq], lag_steps={second.seq: 1}))
     assert _free(manager) == NUM_BLOCKS - 1
+    # Lag as the worker measured it (forwards); confirmation as the scheduler saw it.
+    status = mirror.status()
+    assert status["lag_steps"][-1] == 1 and status["confirm_steps"] == [1, 0]
     kinds = [decode_ops(standby.recv())[0] for _ in range(3)]
     assert kinds == ["reset", "ops", "ops"]
 

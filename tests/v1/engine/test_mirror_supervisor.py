@@ -157,6 +157,33 @@ def test_mixed_workload_is_mirrored_byte_identical(server):
     assert metric(server, "vllm:mirror_standby_up") == 1
 
 
+def test_pause_stops_mirroring_and_resume_catches_up_on_the_same_standby(server):
+    before = wait_mirror(server)
+    r = server.post("/mirror/pause", {})
+    assert r.status_code == 200, r.text
+    paused = r.json()
+    assert paused["state"] == "paused" and paused["protected"] is False and paused["paused"]
+    assert server.post("/mirror/pause", {}).json()["state"] == "paused"  # idempotent
+    assert metric(server, "vllm:mirror_paused") == 1
+    assert metric(server, "vllm:mirror_standby_up") == 0
+    assert server.get("/health").json()["mirror"]["state"] == "paused"
+    # Serving goes on; nothing is copied meanwhile.
+    during = complete(server, text(45, 120), 24)
+    st = server.get("/mirror", params={"refresh": "true"}).json()
+    assert st["state"] == "paused" and st["blocks_mirrored"] == before["blocks_mirrored"]
+
+    r = server.post("/mirror/resume", {})
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] in ("syncing", "in_sync") and not r.json()["paused"]
+    after = wait_mirror(server)
+    # The same standby, reset and caught up (what it held was not trusted).
+    assert after["standby"]["pid"] == before["standby"]["pid"]
+    assert after["standby_restarts"] == before["standby_restarts"]
+    assert after["blocks_mirrored"] > before["blocks_mirrored"]
+    assert metric(server, "vllm:mirror_paused") == 0
+    assert_standby_holds_everything(server, [during["tokens"]])
+
+
 def test_standby_death_leaves_primary_serving_and_restarted_standby_catches_up(server):
     before = server.get("/mirror").json()
     streamed: list[int] = []
@@ -258,6 +285,9 @@ def test_mirror_required_refuses_generation_while_unprotected(required_server):
     assert r.headers["Retry-After"] == "5"
     assert server.get("/v1/models").status_code == 200
     assert metric(server, "vllm:mirror_requests_refused_total") >= 1
+    # Pausing would refuse everything: not allowed with --mirror-required.
+    r = server.post("/mirror/pause", {})
+    assert r.status_code == 409 and "--mirror-required" in r.json()["error"]
     wait_mirror(server)  # protected again once the replacement is connected
     assert server.get("/health").status_code == 200
     assert complete(server, text(61, 20), 4)

@@ -22,7 +22,12 @@ from vllm.v1.worker.kv_mirror_transport import (
     MirrorTransportError,
     StandbyDescriptor,
 )
-from vllm.v1.worker.kv_mirror_worker import MirrorCompletions, MirrorPusher, with_completions
+from vllm.v1.worker.kv_mirror_worker import (
+    MirrorCompletions,
+    MirrorPusher,
+    PushThread,
+    with_completions,
+)
 
 LAYERS, NUM_BLOCKS, BLOCK_ELEMS = 2, 48, 64
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
@@ -163,6 +168,56 @@ def test_write_waits_for_the_ready_event_without_blocking_push(standby):
     event.done = True
     primary.settle()
     assert primary.pusher.bytes_pushed == 2 * LAYERS * BLOCK_ELEMS * 4
+
+
+def test_push_thread_starts_a_write_once_its_forward_is_done_and_counts_the_lag(standby):
+    """The push thread (CUDA's path, here with a CPU event stand-in) waits for the
+    step's event off the worker's thread, pushes, and reports the step's lag in
+    forwards launched meanwhile; the bytes land on the standby."""
+    import threading
+
+    descriptor, to_primary, from_primary = standby
+
+    class Event:
+        def __init__(self) -> None:
+            self.done = threading.Event()
+
+        def query(self) -> bool:
+            return self.done.is_set()
+
+        def synchronize(self) -> None:
+            self.done.wait()
+
+    primary = Primary(descriptor, from_primary.put)
+    forwards = [1]
+    primary.pusher = MirrorPusher(primary.transport, clock=lambda: forwards[0])
+    thread = PushThread(primary.pusher, torch.device("cpu"))
+    try:
+        req = make_request(list(range(700, 720)))
+        prefill(primary.manager, req)
+        ops = primary.tracker.take_step_ops()
+        primary.send(("ops", ops))
+        primary.forward(req)
+        event = Event()
+        thread.push(ops, event, forwards[0])
+        time.sleep(0.2)
+        assert not thread.take() and primary.pusher.bytes_pushed == 0  # waits for it
+        forwards[0] = 3  # two more forwards launched before the first one finished
+        event.done.set()
+        deadline = time.monotonic() + 30
+        done = MirrorCompletions()
+        while not done:
+            assert time.monotonic() < deadline, "the push thread never completed the step"
+            time.sleep(0.001)
+            done = thread.take()
+        assert done.done == [ops.seq] and done.lag_steps == {ops.seq: 2}
+    finally:
+        thread.close()
+    primary.tracker.complete(ops.seq)
+    got = lookup(to_primary, from_primary, [list(req.all_token_ids) + [0]])
+    ids = list(primary.manager.get_block_ids(req.request_id)[0][:req.num_tokens // BLOCK])
+    assert ids and got["lookups"][0]["block_ids"] == ids
+    assert got["lookups"][0]["checksums"] == [primary.checksum(i) for i in ids]
 
 
 def test_write_without_a_standby_raises_a_transport_error():

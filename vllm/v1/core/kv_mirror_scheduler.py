@@ -73,7 +73,8 @@ class SchedulerMirror:
         self._bytes_per_block = 0
         # Samples since the last status() call, for the API server's histograms.
         self._transfer_seconds: list[float] = []
-        self._lag_steps: list[int] = []
+        self._lag_steps: list[int] = []  # the worker's: forwards until on the standby
+        self._confirm_steps: list[int] = []  # ours: steps until we could unpin
 
     @classmethod
     def maybe_create(cls, vllm_config: VllmConfig, block_pool: BlockPool
@@ -187,7 +188,8 @@ class SchedulerMirror:
             self.bytes_mirrored += n * self._bytes_per_block
             self.steps_mirrored += 1
             self._transfer_seconds.append(now - t0)
-            self._lag_steps.append(self._step - step)
+            self._confirm_steps.append(self._step - step)
+            self._lag_steps.append(completions.lag_steps.get(seq, self._step - step))
         for seq in completions.failed:
             issued = self._issued.pop(seq, None)
             if issued is not None:
@@ -228,8 +230,9 @@ class SchedulerMirror:
                                      if self._issued else 0.0),
             "transfer_seconds": self._transfer_seconds,
             "lag_steps": self._lag_steps,
+            "confirm_steps": self._confirm_steps,
         }
-        self._transfer_seconds, self._lag_steps = [], []
+        self._transfer_seconds, self._lag_steps, self._confirm_steps = [], [], []
         return out
 
     def cached_blocks(self) -> list[tuple[int, bytes]]:

@@ -40,6 +40,14 @@ STANDBY_STALL_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
 
 
+class MirrorCallError(Exception):
+    """A ``/mirror`` admin call the state or the settings do not allow (an HTTP status)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class StandbyPromoted(Exception):
     """The watched standby was promoted to primary (ends the watch, not a fault)."""
 
@@ -68,7 +76,8 @@ def _standby_cuda_visible(peer_index: int) -> str:
 class MirrorState:
     """What ``GET /mirror`` reports (JSON)."""
 
-    state: str = "starting"  # starting | syncing | in_sync | down | stopped
+    # starting | syncing | in_sync | paused | down | failing_over | stopped
+    state: str = "starting"
     peer: str = ""
     transport: str = ""
     primary: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +113,8 @@ class MirrorMetrics(ProcessMetrics):
                          "KV blocks filled on the primary and not yet on the standby.")
         self.standby_up = Gauge("vllm:mirror_standby_up",
                                 "1 while the standby engine is connected and mirroring.")
+        self.paused = Gauge("vllm:mirror_paused",
+                            "1 while mirroring is paused by an operator (POST /mirror/pause).")
         self.in_sync = Gauge("vllm:mirror_in_sync",
                              "1 while the standby holds every full block of the primary "
                              "up to the steps in flight (catch-up finished).")
@@ -133,7 +144,13 @@ class MirrorMetrics(ProcessMetrics):
                      2.5, 5.0))
         self.lag_steps = Histogram(
             "vllm:mirror_lag_steps",
-            "Engine steps from a step's scheduling to its blocks confirmed on the standby.",
+            "Per mirrored step: forwards the primary launched after the step's own "
+            "before its blocks were on the standby (what a failover would recompute).",
+            buckets=(0, 1, 2, 3, 4, 8, 16, 32, 64))
+        self.confirm_steps = Histogram(
+            "vllm:mirror_confirm_steps",
+            "Per mirrored step: engine steps from its scheduling until the scheduler "
+            "learned its blocks were on the standby (and unpinned them).",
             buckets=(0, 1, 2, 3, 4, 8, 16, 32, 64))
 
 
@@ -296,6 +313,8 @@ class MirrorSupervisor:
         self._standby_lock = threading.Lock()
         self.failover: Any = None  # FailoverEngineCoreClient, set by maybe_start
         self._stop = threading.Event()
+        # Set by POST /mirror/pause|resume; the supervising thread acts on it.
+        self._want_paused = False
         self._last: dict[str, int] = {}
         self._poll_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="MirrorSupervisor",
@@ -383,7 +402,7 @@ class MirrorSupervisor:
             try:
                 self._start_standby(restart=not first)
                 first = False
-                self._connect()
+                self._connect_unless_paused()
                 backoff = 1.0
                 self._watch()
             except StandbyPromoted:
@@ -450,6 +469,24 @@ class MirrorSupervisor:
                     "block(s) to catch up", self.standby.pid, self.state.peer,
                     self.config.transport, queued)
 
+    def _connect_unless_paused(self) -> None:
+        if self._want_paused:
+            self._pause()
+        else:
+            self._connect()
+
+    def _pause(self) -> None:
+        """Stop mirroring, keep the standby running. What the standby holds is not
+        trusted afterwards (copies in flight were cut): the next connection resets it
+        and catches up from the primary's prefix cache, as a new standby would."""
+        self._call_primary("mirror_stop")
+        self.state.state = "paused"
+        self.metrics.standby_up.set(0)
+        self.metrics.in_sync.set(0)
+        self.metrics.paused.set(1)
+        logger.warning("mirror: paused by request; the primary serves unprotected until "
+                       "POST /mirror/resume")
+
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL_S):
             standby = self.standby
@@ -457,6 +494,16 @@ class MirrorSupervisor:
                 raise StandbyPromoted
             if not standby.alive():
                 raise RuntimeError("standby engine exited")
+            paused = self.state.state == "paused"
+            if self._want_paused != paused:
+                if paused:
+                    self.metrics.paused.set(0)
+                    logger.info("mirror: resumed by request")
+                    self._connect()
+                else:
+                    self._pause()
+            if self.state.state == "paused":
+                continue
             p = self.poll()
             if p["dropped"]:
                 raise RuntimeError(f"the primary dropped the standby: {p['dropped']}")
@@ -531,6 +578,8 @@ class MirrorSupervisor:
             self.metrics.transfer.observe(v)
         for v in p["lag_steps"]:
             self.metrics.lag_steps.observe(v)
+        for v in p["confirm_steps"]:
+            self.metrics.confirm_steps.observe(v)
         st.lag_blocks, st.backlog_blocks = p["lag_blocks"], p["backlog_blocks"]
         self.metrics.lag.set(p["lag_blocks"] + p["backlog_blocks"])
         if p["connected"]:
@@ -554,6 +603,32 @@ class MirrorSupervisor:
             standby.stop()
 
     # -- failover (FailoverEngineCoreClient, event loop thread) --------------------------
+
+    async def set_paused(self, paused: bool, timeout: float = CALL_TIMEOUT_S
+                         ) -> dict[str, Any]:
+        """``POST /mirror/pause`` / ``/mirror/resume``: returns the status once the
+        supervising thread has acted (a resumed mirror reports ``syncing`` while it
+        catches up). Pausing is refused with ``--mirror-required``: the server would
+        refuse every request until resumed."""
+        if paused and self.config.required:
+            raise MirrorCallError(409, "this server runs with --mirror-required: pausing "
+                                       "the mirror would refuse every request")
+        st = self.state
+        if st.state in ("failing_over", "stopped"):
+            raise MirrorCallError(409, f"the mirror is {st.state}")
+        self._want_paused = paused
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if paused and st.state == "paused":
+                break
+            # Resumed, or the standby is (re)starting and connects when up.
+            if not paused and st.state != "paused":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise MirrorCallError(503, f"the mirror supervisor did not act in {timeout:.0f} "
+                                       f"s (state {st.state}); the request stands")
+        return self.status()
 
     def can_fail_over(self) -> bool:
         standby = self.standby
@@ -643,6 +718,7 @@ class MirrorSupervisor:
         out = asdict(self.state)
         out["protected"] = self.protected
         out["required"] = self.config.required
+        out["paused"] = self._want_paused
         # What a failover would resubmit now.
         out["requests_in_flight"] = (self.failover.requests_in_flight
                                      if self.failover is not None else 0)

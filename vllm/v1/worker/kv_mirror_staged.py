@@ -167,7 +167,12 @@ class StagedStandbyEndpoint(_StagedSide):
                                        tuple(self.regions))
 
     def connect_primary(self, primary_metadata: bytes) -> None:
-        self._primary = self.agent.add_remote_agent(primary_metadata)
+        old, self._primary = self._primary, self.agent.add_remote_agent(primary_metadata)
+        if old is not None and old != self._primary:  # a resumed or replaced primary
+            try:
+                self.agent.remove_remote_agent(old)
+            except Exception as e:
+                logger.debug("mirror: forgetting the previous primary failed: %s", e)
 
     def poll_landed(self) -> list[tuple[int, int, int]]:
         """(seq, offset, num_blocks) of every range that landed since the last call."""

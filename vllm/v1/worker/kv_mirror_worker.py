@@ -3,17 +3,27 @@
 writes are complete, without blocking the step that wrote them.
 
 A step's ops come with an optional ``ready`` event recorded on the compute stream after
-the forward (CUDA); the WRITE is started from :meth:`MirrorPusher.poll` as soon as the
-event has completed, so the forward never waits on it. On CPU the forward is done when
-``push`` is called, and the WRITE starts at once. A standby that fails never fails the
+the forward (CUDA). There a :class:`PushThread` waits for the event and drives the
+transport, so the WRITE starts as soon as the forward has finished on the GPU (not at
+the worker's next call) and its completion is seen while the next forward runs; the
+forward never waits on it. On CPU the forward is done when ``push`` is called, and the
+WRITE starts at once on the worker's thread. A standby that fails never fails the
 primary: its steps are reported failed and the tracker unpins their blocks.
+
+Lag is counted in forwards: a step's lag is the number of forwards (with tokens) the
+worker had launched after the step's own when its bytes were confirmed on the standby
+(0: before the next one was launched). It is what a failover at that moment would recompute, in
+steps; the scheduler learns of the completion one or two steps later (async
+scheduling), which only delays unpinning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,28 +74,51 @@ class Transport(Protocol):
 class ReadyEvent(Protocol):
     def query(self) -> bool: ...
 
+    def synchronize(self) -> None: ...
+
+
+# How often the push thread polls a WRITE in flight (it sleeps while none is).
+PUSH_POLL_S = 0.0001
+
 
 @dataclass
 class MirrorCompletions:
     done: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    # seq -> forwards launched after the step's own when it was confirmed (done only).
+    lag_steps: dict[int, int] = field(default_factory=dict)
+
+    def extend(self, other: MirrorCompletions) -> None:
+        self.done.extend(other.done)
+        self.failed.extend(other.failed)
+        self.lag_steps.update(other.lag_steps)
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.failed)
 
 
 class MirrorPusher:
-    """Starts one WRITE per step and reports which steps completed or failed."""
+    """Starts one WRITE per step and reports which steps completed or failed.
 
-    def __init__(self, transport: Transport) -> None:
+    ``clock`` counts the worker's forwards; each step's lag is measured with it."""
+
+    def __init__(self, transport: Transport, clock: Callable[[], int] = lambda: 0) -> None:
         self.transport = transport
+        self._clock = clock
+        self._pushed_at: dict[int, int] = {}
         self._waiting: deque[tuple[MirrorStepOps, ReadyEvent | None]] = deque()
         self._in_flight: dict[int, Any] = {}
         self._awaiting_ack: set[int] = set()
         self._completions = MirrorCompletions()
         self.bytes_pushed = 0
 
-    def push(self, ops: MirrorStepOps, ready: ReadyEvent | None = None) -> None:
+    def push(self, ops: MirrorStepOps, ready: ReadyEvent | None = None,
+             forward: int | None = None) -> None:
+        """``forward``: the clock's value at the step's forward (default: now)."""
         if not ops.write:
             self._completions.done.append(ops.seq)
             return
+        self._pushed_at[ops.seq] = self._clock() if forward is None else forward
         self._waiting.append((ops, ready))
         self._start_ready()
 
@@ -103,8 +136,16 @@ class MirrorPusher:
                 break
             except Exception as e:  # never the primary's problem: the step is failed
                 logger.warning("mirror: step %d not pushed: %s", ops.seq, e)
-                self._completions.failed.append(ops.seq)
+                self._fail(ops.seq)
                 self.transport.abandon(ops.seq)  # whatever it had reserved
+
+    def _done(self, seq: int) -> None:
+        self._completions.done.append(seq)
+        self._completions.lag_steps[seq] = self._clock() - self._pushed_at.pop(seq, 0)
+
+    def _fail(self, seq: int) -> None:
+        self._completions.failed.append(seq)
+        self._pushed_at.pop(seq, None)
 
     def poll(self) -> MirrorCompletions:
         """Start what became ready, collect what finished; returns and clears them."""
@@ -116,10 +157,10 @@ class MirrorPusher:
                     if self.transport.requires_ack:
                         self._awaiting_ack.add(seq)
                     else:
-                        self._completions.done.append(seq)
+                        self._done(seq)
             except Exception as e:
                 logger.warning("mirror: step %d failed: %s", seq, e)
-                self._completions.failed.append(seq)
+                self._fail(seq)
                 del self._in_flight[seq]
                 self.transport.abandon(seq)
         if self.transport.requires_ack:
@@ -132,13 +173,90 @@ class MirrorPusher:
             for seq in acks:
                 if seq in self._awaiting_ack:
                     self._awaiting_ack.discard(seq)
-                    self._completions.done.append(seq)
+                    self._done(seq)
         out, self._completions = self._completions, MirrorCompletions()
         return out
 
     @property
     def in_flight_steps(self) -> int:
         return len(self._waiting) + len(self._in_flight) + len(self._awaiting_ack)
+
+    def fail_all(self, also: list[int] = ()) -> None:
+        """Every step not confirmed is failed, and the steps ``also`` never pushed (the
+        push thread cannot go on)."""
+        for seq in also:
+            self._fail(seq)
+        for ops, _ in self._waiting:
+            self._fail(ops.seq)
+        for seq in [*self._in_flight, *self._awaiting_ack]:
+            self._fail(seq)
+            self.transport.abandon(seq)
+        self._waiting.clear()
+        self._in_flight.clear()
+        self._awaiting_ack.clear()
+
+
+class PushThread:
+    """Drives a :class:`MirrorPusher` off the worker's thread (CUDA): waits for each
+    step's ready event (the wait releases the GIL), starts its WRITE, polls the WRITEs
+    in flight. The pusher and its transport are used by this thread only, until
+    :meth:`close`."""
+
+    def __init__(self, pusher: MirrorPusher, device: torch.device) -> None:
+        self.pusher = pusher
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[MirrorStepOps, ReadyEvent | None, int]] = deque()
+        self._out = MirrorCompletions()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, args=(device,),
+                                        name="MirrorPush", daemon=True)
+        self._thread.start()
+
+    def push(self, ops: MirrorStepOps, ready: ReadyEvent | None, forward: int) -> None:
+        with self._cond:
+            self._queue.append((ops, ready, forward))
+            self._cond.notify()
+
+    def take(self) -> MirrorCompletions:
+        with self._cond:
+            out, self._out = self._out, MirrorCompletions()
+        return out
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        pusher = self.pusher
+        while True:
+            with self._cond:
+                while not (self._queue or self._stop or pusher.in_flight_steps):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                if not self._queue:
+                    self._cond.wait(PUSH_POLL_S)
+                items = list(self._queue)
+                self._queue.clear()
+            try:
+                while items:
+                    ops, ready, forward = items[0]
+                    if ready is not None:
+                        ready.synchronize()  # the forward's KV writes are complete
+                    pusher.push(ops, None, forward)
+                    items.pop(0)
+                done = pusher.poll()
+            except Exception as e:  # a CUDA error: the primary is failing anyway
+                logger.warning("mirror: push thread: %s; failing the steps in flight", e)
+                pusher.fail_all(also=[ops.seq for ops, _, _ in items])
+                done = pusher.poll()
+            if done:
+                with self._cond:
+                    self._out.extend(done)
 
 
 # -- engine wiring ----------------------------------------------------------------------
@@ -220,33 +338,39 @@ class WorkerMirror:
         except Exception:
             self.transport.close()
             raise
-        self.pusher = MirrorPusher(self.transport)
+        self.forwards = 0  # the lag clock: forwards launched since connecting
+        self.pusher = MirrorPusher(self.transport, clock=lambda: self.forwards)
+        self._thread = PushThread(self.pusher, kv[0].device) if self.on_cuda else None
         self._completions = MirrorCompletions()
 
     def local_metadata(self) -> bytes:
         return self.transport.agent.get_agent_metadata()
 
     def after_forward(self, scheduler_output: Any) -> None:
+        if scheduler_output.total_num_scheduled_tokens:
+            self.forwards += 1  # idle steps (a catch-up on an idle engine) compute nothing
         ops = scheduler_output.mirror_ops
         if ops is None:
             return
-        ready = None
-        if self.on_cuda:
-            ready = torch.cuda.Event()
-            ready.record()  # after the forward's KV writes on the current stream
-        self.pusher.push(ops, ready)
+        if self._thread is None:
+            self.pusher.push(ops)
+            return
+        ready = torch.cuda.Event()
+        ready.record()  # after the forward's KV writes on the current stream
+        self._thread.push(ops, ready, self.forwards)
 
     def attach(self, output: Any) -> Any:
         """Collect finished copies; hand them to the scheduler on this output."""
-        done = self.pusher.poll()
-        self._completions.done.extend(done.done)
-        self._completions.failed.extend(done.failed)
-        if output is None or not (self._completions.done or self._completions.failed):
+        done = self.pusher.poll() if self._thread is None else self._thread.take()
+        self._completions.extend(done)
+        if output is None or not self._completions:
             return output
         completions, self._completions = self._completions, MirrorCompletions()
         return with_completions(output, completions)
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._thread.close()
         self.transport.close()
 
 

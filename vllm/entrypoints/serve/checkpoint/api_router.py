@@ -9,9 +9,7 @@
   ``--snapshot-root`` (docs/snapshots.md); ``--snapshot-interval`` runs it periodically.
 
 Not a dev route: the API is stable and mounted on every server. Both POSTs (and the
-GET) need ``Authorization: Bearer KEY`` where KEY is ``VLLM_HA_ADMIN_KEY`` if set,
-else one of the server's ``--api-key``s; a server without either is open, like
-upstream's routes without ``--api-key``. A call the state does not allow answers 409
+GET) need the admin key (:mod:`vllm.entrypoints.serve.admin_auth`). A call the state does not allow answers 409
 and changes nothing; generation requests that arrive while the server is not serving
 wait and are served after restore.
 """
@@ -21,15 +19,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import vllm.envs as envs
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
-from vllm.entrypoints.serve.utils.server_utils import AuthenticationMiddleware
 
+from vllm.entrypoints.serve.admin_auth import authorized
 from vllm.entrypoints.serve.mirror.api_router import _generation
-from vllm.ha import envs as ha_envs
 from vllm.v1.checkpoint.manager import (
     CheckpointCallError,
     CheckpointManager,
@@ -52,26 +48,12 @@ def _manager(app: Any) -> CheckpointManager | None:
     return manager
 
 
-def _admin_keys(app: Any) -> list[str]:
-    if key := ha_envs.admin_key():
-        return [key]
-    args = getattr(app.state, "args", None)
-    return [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
-
-
-def _authorized(request: Request) -> bool:
-    # Upstream's Bearer check (hashed, constant-time), with the admin keys.
-    keys = _admin_keys(request.app)
-    return not keys or AuthenticationMiddleware(request.app, keys).verify_token(
-        request.headers)
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
 async def _call(request: Request, fn) -> JSONResponse:
-    if not _authorized(request):
+    if not authorized(request):
         return _error(401, "Unauthorized: /checkpoint and /restore need the admin key "
                            "(VLLM_HA_ADMIN_KEY) or the server's API key as a Bearer token")
     manager = _manager(request.app)

@@ -1,7 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """``/mirror``: the KV mirror's state as JSON (patch 0007 attaches the router).
 
-``GET /mirror`` answers 404 when the server runs without ``--mirror-peer``. With the
+``GET /mirror`` answers 404 when the server runs without ``--mirror-peer``.
+``POST /mirror/pause`` stops mirroring and keeps the standby running (the server is
+unprotected meanwhile: an engine death is fatal, as without a mirror);
+``POST /mirror/resume`` reconnects it, and it catches up from the prefix cache. Both
+need the admin key (:mod:`vllm.entrypoints.serve.admin_auth`) and answer the status. With the
 mirror on, ``GET /health`` carries the mirror's state in its body, and with
 ``--mirror-required`` it answers 503 and generation requests are refused with 503
 while no standby is connected. The debug
@@ -50,6 +54,33 @@ async def mirror_status(raw_request: Request, refresh: bool = False) -> JSONResp
         except Exception:
             pass  # the last known state is still worth returning
     return JSONResponse(sup.status())
+
+
+async def _set_paused(raw_request: Request, paused: bool) -> JSONResponse:
+    from vllm.entrypoints.serve.admin_auth import authorized
+    from vllm.v1.engine.mirror_supervisor import MirrorCallError
+
+    if not authorized(raw_request):
+        return JSONResponse(status_code=401, content={
+            "error": "Unauthorized: /mirror/pause and /mirror/resume need the admin key "
+                     "(VLLM_HA_ADMIN_KEY) or the server's API key as a Bearer token"})
+    sup = _supervisor(raw_request)
+    if sup is None:
+        return _not_mirrored()
+    try:
+        return JSONResponse(await sup.set_paused(paused))
+    except MirrorCallError as e:
+        return JSONResponse(status_code=e.status, content={"error": str(e)})
+
+
+@router.post("/mirror/pause")
+async def mirror_pause(raw_request: Request) -> JSONResponse:
+    return await _set_paused(raw_request, True)
+
+
+@router.post("/mirror/resume")
+async def mirror_resume(raw_request: Request) -> JSONResponse:
+    return await _set_paused(raw_request, False)
 
 
 class LookupRequest(BaseModel):
