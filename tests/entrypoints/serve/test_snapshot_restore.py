@@ -137,14 +137,16 @@ def test_full_disk_fails_the_write_keeps_the_old_snapshot_and_serving(server, ro
     ref = tokens(complete(server))
     snapshot(server, "full")
     before = current(root, "full")
-    # The engine's processes may not grow a file past 64 KiB: a full disk to them
+    # New blocks, so that the next snapshot has KV to write (the rest is linked).
+    complete(server, "Blocks the previous snapshot does not hold: " + "twelve " * 60)
+    # The engine's processes may not grow a file past 4 KiB: a full disk to them
     # (Python ignores SIGXFSZ, so the write fails with EFBIG).
     procs = psutil.Process(server.proc.pid).children(recursive=True)
     limits = {p.pid: resource.prlimit(p.pid, resource.RLIMIT_FSIZE) for p in procs}
     try:
         for p in procs:
             # The soft limit only: a process may raise it back, not the hard one.
-            resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (64 << 10, limits[p.pid][1]))
+            resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (4 << 10, limits[p.pid][1]))
         r = server.post("/snapshot", {"name": "full"}, headers=AUTH, timeout=600)
         assert r.status_code == 507 and "previous snapshot is unchanged" in r.text, r.text
     finally:
