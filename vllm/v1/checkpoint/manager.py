@@ -78,8 +78,15 @@ class CheckpointOptions:
     snapshot: str | None = None
     """Also write the snapshot ``NAME`` under the server's ``--snapshot-root`` (what
     ``vllm serve --restore-from ROOT/NAME`` starts from)."""
+    standby: Literal["keep", "stop"] = "keep"
+    """With ``--mirror-peer``: mirroring is paused for the checkpoint and resumed after
+    restore (the standby catches up from the prefix cache). ``keep``: the standby
+    stays up on its peer; ``stop``: it is stopped too (its memory freed: a standby on
+    the same GPU) and a new one starts after restore."""
 
     def validate(self) -> None:
+        if self.standby not in ("keep", "stop"):
+            raise CheckpointCallError(400, "standby must be 'keep' or 'stop'")
         if self.in_flight not in ("wait", "keep"):
             raise CheckpointCallError(400, "in_flight must be 'wait' or 'keep'")
         if self.codec not in CODECS:
@@ -202,22 +209,48 @@ class CheckpointManager:
                 raise CheckpointCallError(400, _NVCOMP_DRIVER)
         if driver_release and self.snapshots.nvcomp_written:
             raise CheckpointCallError(409, _NVCOMP_DRIVER)
+        mirror = self._mirror()
+        if mirror is not None and mirror.config.required:
+            raise CheckpointCallError(
+                409, "/checkpoint pauses the mirror, which --mirror-required forbids "
+                "(every request would be refused until it is back in sync)")
         self._begin("checkpoint")
         self.phases = {}
         try:
+            await self._pause_mirror(opts)
             await self._checkpoint(opts)
         except BaseException as e:
             self._transition("checkpoint", ok=False, error=str(e))
             logger.error("Checkpoint failed, serving again: %s", e)
+            await self._resume_mirror()
             raise
         self._transition("checkpoint", ok=True)
         self.cycles += 1
         return self.status()
 
+    def _mirror(self) -> Any:
+        return getattr(self.client, "mirror", None)
+
+    async def _pause_mirror(self, opts: CheckpointOptions) -> None:
+        """The standby must not watch (or fail over from) a frozen primary: mirroring
+        pauses for the checkpoint, unless an operator had paused it already."""
+        mirror = self._mirror()
+        self._mirror_paused_by_us = mirror is not None and not mirror.paused
+        if self._mirror_paused_by_us:
+            t = time.perf_counter()
+            await mirror.set_paused(True, release_standby=opts.standby == "stop")
+            self._phase("mirror_pause", t)
+
+    async def _resume_mirror(self) -> None:
+        mirror = self._mirror()
+        if mirror is not None and getattr(self, "_mirror_paused_by_us", False):
+            self._mirror_paused_by_us = False
+            try:
+                await mirror.set_paused(False)
+            except Exception as e:  # serving matters more; the operator can resume
+                logger.error("Could not resume the mirror (POST /mirror/resume): %s", e)
+
     def _refuse_unsupported(self) -> None:
-        if getattr(self.client, "mirror", None) is not None:
-            raise CheckpointCallError(
-                409, "/checkpoint is not supported together with --mirror-peer yet")
         if getattr(self.client, "errored", False):
             raise CheckpointCallError(503, "the engine is dead; nothing to checkpoint")
 
@@ -299,7 +332,7 @@ class CheckpointManager:
     async def restore(self) -> dict[str, Any]:
         self._begin("restore")
         self.phases = {k: v for k, v in self.phases.items()
-                       if k in ("pause", "offload", "release", "total")}
+                       if k in ("mirror_pause", "pause", "offload", "release", "total")}
         t0 = t = time.perf_counter()
         try:
             if self.released:
@@ -319,6 +352,7 @@ class CheckpointManager:
         self.phases["restore_total"] = t - t0
         self._transition("restore", ok=True)
         logger.info("Restored in %.2f s", self.phases["restore_total"])
+        await self._resume_mirror()  # serving already; the standby catches up
         return self.status()
 
     # -- status -----------------------------------------------------------------------------
@@ -348,4 +382,5 @@ class CheckpointManager:
             "requests_in_flight": self._in_flight(),
             "cycles": self.cycles,
             "snapshot": self.snapshots.status(),
+            "mirror": (self._mirror().state.state if self._mirror() is not None else None),
         }

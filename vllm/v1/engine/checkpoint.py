@@ -72,8 +72,11 @@ class EngineCoreCheckpointMixin:
         """Every worker moves its weights (and the KV blocks in use) to host memory and
         gives up its device memory. Without ``keep_kv`` the prefix cache is reset and
         running requests are preempted (recomputed after restore)."""
-        if getattr(self.scheduler, "mirror", None) is not None:  # type: ignore
-            raise RuntimeError("/checkpoint is not supported with --mirror-peer yet")
+        mirror = getattr(self.scheduler, "mirror", None)  # type: ignore[attr-defined]
+        if mirror is not None and mirror.connected:
+            # Copies in flight read the KV the offload frees: the API server pauses the
+            # mirror (POST /mirror/pause) before it gets here.
+            raise RuntimeError("the KV mirror is still connected; pause it first")
         if not keep_kv:
             self.scheduler.reset_prefix_cache(  # type: ignore[attr-defined]
                 reset_running_requests=True)

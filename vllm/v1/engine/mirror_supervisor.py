@@ -52,6 +52,10 @@ class StandbyPromoted(Exception):
     """The watched standby was promoted to primary (ends the watch, not a fault)."""
 
 
+class StandbyReleased(Exception):
+    """Paused with the standby stopped on request (ends the watch, not a fault)."""
+
+
 class MirrorStartupError(ValueError):
     """Bad mirror settings for this host; raised before any engine starts."""
 
@@ -313,8 +317,11 @@ class MirrorSupervisor:
         self._standby_lock = threading.Lock()
         self.failover: Any = None  # FailoverEngineCoreClient, set by maybe_start
         self._stop = threading.Event()
-        # Set by POST /mirror/pause|resume; the supervising thread acts on it.
+        # Set by POST /mirror/pause|resume (and /checkpoint); the supervising thread
+        # acts on it. _release_standby: paused with the standby stopped (its memory
+        # freed), a new one started on resume.
         self._want_paused = False
+        self._release_standby = False
         self._last: dict[str, int] = {}
         self._poll_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="MirrorSupervisor",
@@ -399,6 +406,10 @@ class MirrorSupervisor:
         backoff = 1.0
         first = True
         while not self._stop.is_set():
+            if self._want_paused and self._release_standby:
+                self.state.state = "paused"
+                self._stop.wait(WATCH_INTERVAL_S)
+                continue
             try:
                 self._start_standby(restart=not first)
                 first = False
@@ -409,6 +420,17 @@ class MirrorSupervisor:
                 # Not a fault: the standby serves now; a new one starts for it.
                 logger.info("mirror: the standby became the primary (failover); "
                             "starting a new standby")
+            except StandbyReleased:
+                # Stopped before it is forgotten: the pause call returns once its
+                # memory is free (paused, no failover can claim it meanwhile).
+                if self.standby is not None:
+                    self.standby.stop()
+                with self._standby_lock:
+                    self.standby = None
+                logger.info("mirror: standby stopped while paused; a new one starts on "
+                            "resume")
+                backoff = 1.0
+                continue
             except Exception as e:
                 if self._stop.is_set():
                     break
@@ -502,6 +524,8 @@ class MirrorSupervisor:
                     self._connect()
                 else:
                     self._pause()
+            if self.state.state == "paused" and self._release_standby:
+                raise StandbyReleased
             if self.state.state == "paused":
                 continue
             p = self.poll()
@@ -604,25 +628,38 @@ class MirrorSupervisor:
 
     # -- failover (FailoverEngineCoreClient, event loop thread) --------------------------
 
-    async def set_paused(self, paused: bool, timeout: float = CALL_TIMEOUT_S
-                         ) -> dict[str, Any]:
+    @property
+    def paused(self) -> bool:
+        return self._want_paused
+
+    async def set_paused(self, paused: bool, release_standby: bool = False,
+                         timeout: float = CALL_TIMEOUT_S) -> dict[str, Any]:
         """``POST /mirror/pause`` / ``/mirror/resume``: returns the status once the
         supervising thread has acted (a resumed mirror reports ``syncing`` while it
-        catches up). Pausing is refused with ``--mirror-required``: the server would
-        refuse every request until resumed."""
+        catches up, ``starting`` if its standby was released). ``release_standby``:
+        the standby is stopped too (its memory freed; a new one starts on resume).
+        Pausing is refused with ``--mirror-required``: the server would refuse every
+        request until resumed."""
         if paused and self.config.required:
             raise MirrorCallError(409, "this server runs with --mirror-required: pausing "
                                        "the mirror would refuse every request")
         st = self.state
         if st.state in ("failing_over", "stopped"):
             raise MirrorCallError(409, f"the mirror is {st.state}")
+        if paused:
+            self._release_standby = release_standby or (
+                self._want_paused and self._release_standby)
         self._want_paused = paused
+        if not paused:
+            self.metrics.paused.set(0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if paused and st.state == "paused":
+            if paused and st.state == "paused" and not (
+                    self._release_standby and self.standby is not None):
                 break
             # Resumed, or the standby is (re)starting and connects when up.
             if not paused and st.state != "paused":
+                self._release_standby = False
                 break
             await asyncio.sleep(0.05)
         else:

@@ -3,7 +3,8 @@
 
 ``GET /mirror`` answers 404 when the server runs without ``--mirror-peer``.
 ``POST /mirror/pause`` stops mirroring and keeps the standby running (the server is
-unprotected meanwhile: an engine death is fatal, as without a mirror);
+unprotected meanwhile: an engine death is fatal, as without a mirror;
+``{"stop_standby": true}`` stops the standby too);
 ``POST /mirror/resume`` reconnects it, and it catches up from the prefix cache. Both
 need the admin key (:mod:`vllm.entrypoints.serve.admin_auth`) and answer the status. With the
 mirror on, ``GET /health`` carries the mirror's state in its body, and with
@@ -56,7 +57,8 @@ async def mirror_status(raw_request: Request, refresh: bool = False) -> JSONResp
     return JSONResponse(sup.status())
 
 
-async def _set_paused(raw_request: Request, paused: bool) -> JSONResponse:
+async def _set_paused(raw_request: Request, paused: bool,
+                      release_standby: bool = False) -> JSONResponse:
     from vllm.entrypoints.serve.admin_auth import authorized
     from vllm.v1.engine.mirror_supervisor import MirrorCallError
 
@@ -68,14 +70,20 @@ async def _set_paused(raw_request: Request, paused: bool) -> JSONResponse:
     if sup is None:
         return _not_mirrored()
     try:
-        return JSONResponse(await sup.set_paused(paused))
+        return JSONResponse(await sup.set_paused(paused, release_standby))
     except MirrorCallError as e:
         return JSONResponse(status_code=e.status, content={"error": str(e)})
 
 
+class PauseRequest(BaseModel):
+    stop_standby: bool = False
+    """Also stop the standby (its memory is freed; a new one starts on resume)."""
+
+
 @router.post("/mirror/pause")
-async def mirror_pause(raw_request: Request) -> JSONResponse:
-    return await _set_paused(raw_request, True)
+async def mirror_pause(raw_request: Request, body: PauseRequest | None = None
+                       ) -> JSONResponse:
+    return await _set_paused(raw_request, True, body is not None and body.stop_standby)
 
 
 @router.post("/mirror/resume")
