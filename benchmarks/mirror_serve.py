@@ -232,10 +232,14 @@ def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
         for on in order:
             server.set_mirror(on, a.timeout)
             t0 = time.monotonic()
+            # Prompts of their own per side: the second side of a round must not hit
+            # the prefix cache the first one filled.
+            seed = 100000 * r + (50000 if on else 0)
             side = {"decode_tps": {c: round(decode_tps(url, c, a.prompt_words, a.output_len,
-                                                       100000 * r + 1000 * c), 1)
+                                                       seed + 1000 * c), 1)
                                    for c in a.concurrency},
-                    "ttft_s": round(ttft(url, prompt(7000 + r, a.long_prompt_words)), 4)}
+                    "ttft_s": round(ttft(url, prompt(7000 + 2 * r + on, a.long_prompt_words)),
+                                    4)}
             if on:
                 server.wait_mirror(a.timeout)  # what the timed part queued, confirmed
                 on_seconds += time.monotonic() - t0

@@ -269,14 +269,45 @@ class StandbyEngine:
             if client is None:
                 self._kill_starting()
             else:
+                tree = self._process_tree()
                 if self.pid is not None:
                     try:  # a stopped (SIGSTOP) process acts on SIGTERM only once continued
                         os.kill(self.pid, signal.SIGCONT)
                     except OSError:
                         pass
                 client.shutdown(timeout=timeout)
+                self._reap(tree)
         finally:
             self._stopped.set()
+
+    def _process_tree(self) -> list[Any]:
+        import psutil
+
+        if self.pid is None:
+            return []
+        try:
+            engine = psutil.Process(self.pid)
+            return [engine, *engine.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    @staticmethod
+    def _reap(tree: list[Any]) -> None:
+        """Workers the engine left behind (force-killed while they were busy, e.g. in
+        a long RPC) still hold the device's memory, and a new standby on the same GPU
+        could not start: kill them and wait until they are gone."""
+        import psutil
+
+        alive = [p for p in tree if p.is_running()]
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        _, left = psutil.wait_procs(alive, timeout=15)
+        if left:
+            logger.warning("mirror: standby process(es) %s did not exit",
+                           [p.pid for p in left])
 
     def _kill_starting(self) -> None:
         """The client is still waiting for the engine: kill the process it started
@@ -322,6 +353,9 @@ class MirrorSupervisor:
         # freed), a new one started on resume.
         self._want_paused = False
         self._release_standby = False
+        # Debug calls (verify, lookup) in progress on the standby's busy loop: its
+        # status waits behind them, which is not a stuck standby.
+        self._standby_debug_calls = 0
         self._last: dict[str, int] = {}
         self._poll_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="MirrorSupervisor",
@@ -585,11 +619,12 @@ class MirrorSupervisor:
         standby = self.standby
         if standby is None:
             raise RuntimeError("no standby engine")
-        s = standby.request("mirror_standby_status", timeout=STANDBY_STATUS_TIMEOUT_S)
         st = self.state
+        if not self._standby_debug_calls:
+            s = standby.request("mirror_standby_status", timeout=STANDBY_STATUS_TIMEOUT_S)
+            st.standby.update(lag_steps=s["lag_steps"], cached_blocks=s["cached_blocks"],
+                              blocks_published=s["blocks_published"])
         st.primary["pid"] = p["pid"]
-        st.standby.update(lag_steps=s["lag_steps"], cached_blocks=s["cached_blocks"],
-                          blocks_published=s["blocks_published"])
         for key, counter in (("blocks_mirrored", self.metrics.blocks),
                              ("bytes_mirrored", self.metrics.bytes),
                              ("blocks_failed", self.metrics.failed)):
@@ -767,9 +802,17 @@ class MirrorSupervisor:
         standby = self.standby
         if standby is None or not standby.alive():
             raise RuntimeError("no standby engine is running")
-        result = await standby.call("mirror_standby_verify", blocks)
+        result = await self._standby_debug_call(standby, "mirror_standby_verify", blocks)
         result["state"] = self.state.state
         return result
+
+    async def _standby_debug_call(self, standby: StandbyEngine, method: str, *args: Any
+                                  ) -> Any:
+        self._standby_debug_calls += 1
+        try:
+            return await standby.call(method, *args)
+        finally:
+            self._standby_debug_calls -= 1
 
     async def lookup(self, prompts: list[list[int]]) -> dict[str, list[int]]:
         """Prefix-cache hits (tokens) of each sequence on the primary and the standby."""
@@ -778,7 +821,8 @@ class MirrorSupervisor:
         if standby is None or not standby.alive():
             raise RuntimeError("no standby engine is running")
         return {"primary": primary,
-                "standby": await standby.call("mirror_standby_lookup", prompts)}
+                "standby": await self._standby_debug_call(standby, "mirror_standby_lookup",
+                                                          prompts)}
 
     async def refresh(self) -> dict[str, Any]:
         await asyncio.to_thread(self._try_poll)
