@@ -59,6 +59,12 @@ class CheckpointCallError(RuntimeError):
         self.http_status = status
 
 
+_MIRROR_DRIVER = (
+    "with --mirror-peer on CUDA the GPU cannot be released: the driver does not restore "
+    "a process that has mapped another's memory (the mirror's NIXL transport); use "
+    "release_gpu=false (weights and KV offloaded, the CUDA context kept)")
+
+
 # A pydantic dataclass: the /checkpoint route takes it as its JSON body (unknown
 # fields refused), so the options and their defaults are written once.
 @pydantic_dataclass(config=ConfigDict(extra="forbid"))
@@ -210,6 +216,11 @@ class CheckpointManager:
         if driver_release and self.snapshots.nvcomp_written:
             raise CheckpointCallError(409, _NVCOMP_DRIVER)
         mirror = self._mirror()
+        if mirror is not None and driver_release:
+            # Found on the H100: the driver's restore of an engine whose workers have
+            # mapped the standby's memory (NIXL over CUDA IPC) fails, and the server
+            # would stay checkpointed.
+            raise CheckpointCallError(409, _MIRROR_DRIVER)
         if mirror is not None and mirror.config.required:
             raise CheckpointCallError(
                 409, "/checkpoint pauses the mirror, which --mirror-required forbids "
