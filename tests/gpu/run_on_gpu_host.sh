@@ -61,6 +61,7 @@ if [ "$what" = failover ]; then
 fi
 if [ "$what" = checkpoint ]; then
   python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_checkpoint.py \
+    tests/entrypoints/serve/test_checkpoint_mirror.py \
     tests/v1/worker/test_checkpoint_worker.py 2>&1 | tee "$LOG/pytest-checkpoint.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
