@@ -74,6 +74,7 @@ def test_checkpoint_pauses_the_mirror_and_restore_resumes_it(server):
 
 
 def test_checkpoint_can_stop_the_standby_and_restore_starts_a_new_one(server):
+    complete(server)  # something cached for the new standby to catch up
     before = wait_mirror(server)
     st = checkpoint(server, standby="stop", **KEEP_GPU)
     assert st["mirror"] == "paused"

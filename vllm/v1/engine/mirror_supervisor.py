@@ -298,16 +298,26 @@ class StandbyEngine:
         could not start: kill them and wait until they are gone."""
         import psutil
 
-        alive = [p for p in tree if p.is_running()]
+        def running(p: Any) -> bool:
+            # A zombie holds no memory; its reaper may be a parent that is gone.
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        alive = [p for p in tree if running(p)]
         for p in alive:
             try:
                 p.kill()
             except psutil.Error:
                 pass
-        _, left = psutil.wait_procs(alive, timeout=15)
-        if left:
+        deadline = time.monotonic() + 15
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in alive if running(p)]
+        if alive:
             logger.warning("mirror: standby process(es) %s did not exit",
-                           [p.pid for p in left])
+                           [p.pid for p in alive])
 
     def _kill_starting(self) -> None:
         """The client is still waiting for the engine: kill the process it started
