@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import requests
 
@@ -347,11 +348,7 @@ def main() -> None:
             ratios[label], ttft_ratios[label] = on["decode_ratio"], on["ttft_ratio"]
             print(f"TTFT {on['long_prompt_tokens']}-token prompt ratio {on['ttft_ratio']:.3f}")
             print(f"mirror: {json.dumps(on['mirror'])}")
-        report = {"benchmark": "mirror_serve", "mode": "interleaved",
-                  "date": datetime.datetime.now().isoformat(), "host": platform.node(),
-                  "command": " ".join(sys.argv), "peer": a.peer, "results": results,
-                  "decode_ratio": ratios, "ttft_ratio": ttft_ratios}
-        return write_report(report, a.out)
+        return write_report(a, results, ratios, ttft_ratios, mode="interleaved")
     off = results["off"]
     if "off-again" in results:
         drift = {c: round(results["off-again"]["decode_tps"][c] / off["decode_tps"][c], 4)
@@ -374,14 +371,16 @@ def main() -> None:
               f"{statistics.median(on['ttft_s']) * 1e3:.1f} ms, "
               f"ratio {ttft_ratios[label]:.3f}")
         print(f"mirror: {json.dumps(on['mirror'])}")
-    report = {"benchmark": "mirror_serve", "date": datetime.datetime.now().isoformat(),
-              "host": platform.node(), "command": " ".join(sys.argv), "peer": a.peer,
-              "results": results, "decode_ratio": ratios, "ttft_ratio": ttft_ratios,
-              "baseline_drift": drift if "off-again" in results else None}
-    write_report(report, a.out)
+    write_report(a, results, ratios, ttft_ratios,
+                 baseline_drift=drift if "off-again" in results else None)
 
 
-def write_report(report: dict, out: str | None) -> None:
+def write_report(a: argparse.Namespace, results: dict, ratios: dict, ttft_ratios: dict,
+                 **extra: Any) -> None:
+    report = {"benchmark": "mirror_serve", **extra,
+              "date": datetime.datetime.now().isoformat(), "host": platform.node(),
+              "command": " ".join(sys.argv), "peer": a.peer, "results": results,
+              "decode_ratio": ratios, "ttft_ratio": ttft_ratios}
     try:
         import torch
         report["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
@@ -390,8 +389,8 @@ def write_report(report: dict, out: str | None) -> None:
         report["vllm"] = vllm.__version__
     except Exception:
         pass
-    if out:
-        with open(out, "w") as f:
+    if a.out:
+        with open(a.out, "w") as f:
             json.dump(report, f, indent=2)
 
 

@@ -86,12 +86,9 @@ if [ "$what" = bench-mirror ]; then
 fi
 if [ "$what" = bench-failover ]; then
   # ~1B shape; MODES="mirrored" or "baseline" to split the run over calls, STREAMS="1 16 64".
-  model=/tmp/models/llama-1b
-  [ -d "$model" ] || python3 "$ROOT/scripts/make_tiny_model.py" "$model" --hidden 2048 --layers 16 \
-    --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000 --max-pos 16384 --dtype bfloat16 \
-    --config-only > "$LOG/make-model-1b.json"
+  bench_model 1b
   python3 "$ROOT/benchmarks/failover_serve.py" "$model" --peer cuda:0 --log-dir "$LOG" \
-    --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization 0.3 --max-model-len 4096" \
+    --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096" \
     --mirror-args=--mirror-allow-same-device --streams ${STREAMS:-64} \
     --modes ${MODES:-mirrored baseline} --out "$LOG/failover_serve_1b.json" \
     2>&1 | tee "$LOG/bench-failover.log"

@@ -145,6 +145,8 @@ class CheckpointManager:
         self.cycles = 0
         self.held = 0
         self._driver: DriverCheckpoint | None = None
+        # The checkpoint paused the mirror (not an operator): the restore resumes it.
+        self._mirror_paused_by_us = False
 
     # -- helpers --------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class CheckpointManager:
     async def checkpoint(self, opts: CheckpointOptions) -> dict[str, Any]:
         opts.validate()
         self._refuse_unsupported()
-        driver_release = opts.release_gpu and self._on_cuda()
+        driver_release = self._releases_gpu(opts)
         if opts.snapshot is not None:
             self.snapshots.store().check_name(opts.snapshot)  # 400 before any pause
             if driver_release and opts.codec in ("ans", "gdeflate"):
@@ -242,6 +244,11 @@ class CheckpointManager:
     def _mirror(self) -> Any:
         return getattr(self.client, "mirror", None)
 
+    @classmethod
+    def _releases_gpu(cls, opts: CheckpointOptions) -> bool:
+        """The checkpoint ends with the driver releasing the GPU."""
+        return opts.release_gpu and cls._on_cuda()
+
     async def _pause_mirror(self, opts: CheckpointOptions) -> None:
         """The standby must not watch (or fail over from) a frozen primary: mirroring
         pauses for the checkpoint, unless an operator had paused it already."""
@@ -254,7 +261,7 @@ class CheckpointManager:
 
     async def _resume_mirror(self) -> None:
         mirror = self._mirror()
-        if mirror is not None and getattr(self, "_mirror_paused_by_us", False):
+        if mirror is not None and self._mirror_paused_by_us:
             self._mirror_paused_by_us = False
             try:
                 await mirror.set_paused(False)
@@ -267,7 +274,7 @@ class CheckpointManager:
 
     async def _checkpoint(self, opts: CheckpointOptions) -> None:
         t0 = time.perf_counter()
-        driver = self._driver_or_raise() if opts.release_gpu and self._on_cuda() else None
+        driver = self._driver_or_raise() if self._releases_gpu(opts) else None
         plan = await self._utility("checkpoint_plan", opts.keep_kv)
         self._check_host_memory(plan)
         t = time.perf_counter()
@@ -283,7 +290,7 @@ class CheckpointManager:
         t = self._phase("pause", t)
         if opts.snapshot is not None:
             # An nvCOMP-compressed snapshot would make the driver restore fail.
-            codec = "none" if opts.release_gpu and self._on_cuda() else opts.codec
+            codec = "none" if self._releases_gpu(opts) else opts.codec
             try:
                 await self.snapshots.write(opts.snapshot, codec)
             except BaseException:

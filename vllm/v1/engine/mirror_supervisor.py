@@ -549,7 +549,6 @@ class MirrorSupervisor:
         self.state.state = "paused"
         self.metrics.standby_up.set(0)
         self.metrics.in_sync.set(0)
-        self.metrics.paused.set(1)
         logger.warning("mirror: paused by request; the primary serves unprotected until "
                        "POST /mirror/resume")
 
@@ -563,7 +562,6 @@ class MirrorSupervisor:
             paused = self.state.state == "paused"
             if self._want_paused != paused:
                 if paused:
-                    self.metrics.paused.set(0)
                     logger.info("mirror: resumed by request")
                     self._connect()
                 else:
@@ -695,8 +693,7 @@ class MirrorSupervisor:
             self._release_standby = release_standby or (
                 self._want_paused and self._release_standby)
         self._want_paused = paused
-        if not paused:
-            self.metrics.paused.set(0)
+        self.metrics.paused.set(1 if paused else 0)  # what was asked, as /mirror says
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if paused and st.state == "paused" and not (
