@@ -235,11 +235,17 @@ def test_a_request_lives_through_two_failovers(server):
     while len(s.tokens) <= n:
         assert time.monotonic() < deadline and s.is_alive()
         time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
+    # Held again for the kill: the tiny model could otherwise finish the request
+    # before the signal lands, and the second failover would resume nothing.
+    assert server.post("/pause?mode=keep&clear_cache=false", {}).status_code == 200
+    time.sleep(0.5)  # tokens already out of the engine reach the client
+    assert s.is_alive() and len(s.tokens) < MAX_TOKENS, len(s.tokens)
+    os.kill(pid, signal.SIGKILL)  # the promoted standby is not paused: it resumes
     s.join(300)
     assert_exact([s], [ref])
     st = server.get("/mirror").json()
     assert st["failovers"] == failovers + 2, st
+    assert st["last_failover"]["requests_resumed"] == 1, st
 
 
 def test_kill_during_prefill_and_right_after_a_request_finished(server):
