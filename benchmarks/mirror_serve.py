@@ -177,6 +177,21 @@ def histogram_quantile(metrics: dict[str, float], name: str, q: float) -> float 
     return buckets[-1][0]
 
 
+def steady_figures(window: dict[str, float], seconds: float) -> dict:
+    """Lag and push time over the timed on-sides only (metric deltas summed from the
+    moment the standby was in sync): the resume's catch-up is left out."""
+    return {
+        "lag_steps_p50": histogram_quantile(window, "vllm:mirror_lag_steps", 0.5),
+        "lag_steps_p99": histogram_quantile(window, "vllm:mirror_lag_steps", 0.99),
+        "confirm_steps_p50": histogram_quantile(window, "vllm:mirror_confirm_steps", 0.5),
+        "confirm_steps_p99": histogram_quantile(window, "vllm:mirror_confirm_steps", 0.99),
+        "steps": window.get("vllm:mirror_lag_steps_count", 0),
+        # Share of wall time the primary's worker spent posting/polling WRITEs.
+        "push_busy": (round(window.get("vllm:mirror_push_seconds_total", 0) / seconds, 4)
+                      if seconds else None),
+    }
+
+
 def run(server: Server, a: argparse.Namespace, mirrored: bool) -> dict:
     url = server.url
     complete(url, prompt(0, 32), 8)  # warm up
@@ -227,12 +242,14 @@ def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
     complete(url, prompt(0, 32), 8)  # warm up
     before = server.metrics()
     on_seconds = 0.0
+    window: dict[str, float] = {}  # metric deltas summed over the timed on-sides
     for r in range(a.interleave):
         order = (False, True) if r % 2 == 0 else (True, False)
         rnd: dict = {}
         for on in order:
             server.set_mirror(on, a.timeout)
             t0 = time.monotonic()
+            m0 = server.metrics() if on else {}
             # Prompts of their own per side: the second side of a round must not hit
             # the prefix cache the first one filled.
             seed = 100000 * r + (50000 if on else 0)
@@ -244,11 +261,16 @@ def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
             if on:
                 server.wait_mirror(a.timeout)  # what the timed part queued, confirmed
                 on_seconds += time.monotonic() - t0
+                for k, v in server.metrics().items():
+                    if k.startswith(("vllm:mirror_lag_steps", "vllm:mirror_confirm_steps",
+                                     "vllm:mirror_push_seconds")):
+                        window[k] = window.get(k, 0) + v - m0.get(k, 0)
             rnd["on" if on else "off"] = side
         res["rounds"].append(rnd)
         print(f"round {r}: {json.dumps(rnd)}", flush=True)
     server.set_mirror(True, a.timeout)
     res["mirror"] = mirror_figures(server, before, server.metrics(), on_seconds)
+    res["mirror"]["steady"] = steady_figures(window, on_seconds)
     res["long_prompt_tokens"] = prompt_tokens(url, prompt(7000, a.long_prompt_words))
     res["gpu_processes"] = gpu_processes()
     rounds = res["rounds"]

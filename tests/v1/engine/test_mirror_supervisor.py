@@ -154,6 +154,9 @@ def test_mixed_workload_is_mirrored_byte_identical(server):
     assert metric(server, "vllm:mirror_blocks_total") == st["blocks_mirrored"]
     assert metric(server, "vllm:mirror_bytes_total") == st["bytes_mirrored"] > 0
     assert metric(server, "vllm:mirror_transfer_seconds_count") > 0
+    # The worker's CPU time on WRITEs: reported, and a small part of the run's time.
+    assert st["push_seconds"] > 0
+    assert metric(server, "vllm:mirror_push_seconds_total") == pytest.approx(st["push_seconds"])
     assert metric(server, "vllm:mirror_standby_up") == 1
 
 

@@ -70,6 +70,7 @@ class SchedulerMirror:
         self.blocks_failed = 0
         self.bytes_mirrored = 0
         self.steps_mirrored = 0
+        self.push_seconds = 0.0  # the worker's, posting and polling WRITEs
         self._bytes_per_block = 0
         # Samples since the last status() call, for the API server's histograms.
         self._transfer_seconds: list[float] = []
@@ -177,6 +178,7 @@ class SchedulerMirror:
         if completions is None or self.tracker is None:
             return
         now = time.monotonic()
+        self.push_seconds += getattr(completions, "push_seconds", 0.0)
         for seq in completions.done:
             issued = self._issued.pop(seq, None)
             if issued is None:
@@ -223,6 +225,7 @@ class SchedulerMirror:
             "bytes_mirrored": self.bytes_mirrored,
             "blocks_failed": self.blocks_failed,
             "steps_mirrored": self.steps_mirrored,
+            "push_seconds": self.push_seconds,
             "lag_blocks": (self.tracker.lag_blocks if self.tracker else 0),
             "backlog_blocks": len(self._backlog),
             "in_flight_steps": len(self._issued),

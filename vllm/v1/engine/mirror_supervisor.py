@@ -91,6 +91,8 @@ class MirrorState:
     blocks_mirrored: int = 0
     bytes_mirrored: int = 0
     blocks_failed: int = 0
+    # The primary worker's time posting and polling WRITEs: GIL time its loop lost.
+    push_seconds: float = 0.0
     standby_restarts: int = 0
     failovers: int = 0
     # Death detected -> requests resubmitted on the promoted standby, and what the
@@ -113,6 +115,10 @@ class MirrorMetrics(ProcessMetrics):
                              "Bytes of KV cache copied to the standby engine.")
         self.failed = Counter("vllm:mirror_blocks_failed_total",
                               "KV blocks whose copy to the standby failed or was dropped.")
+        self.push_seconds = Counter(
+            "vllm:mirror_push_seconds_total",
+            "Time the primary's worker spent posting and polling mirror writes (it holds "
+            "the Python GIL the engine loop also needs: the mirror's CPU cost).")
         self.lag = Gauge("vllm:mirror_lag_blocks",
                          "KV blocks filled on the primary and not yet on the standby.")
         self.standby_up = Gauge("vllm:mirror_standby_up",
@@ -635,7 +641,8 @@ class MirrorSupervisor:
         st.primary["pid"] = p["pid"]
         for key, counter in (("blocks_mirrored", self.metrics.blocks),
                              ("bytes_mirrored", self.metrics.bytes),
-                             ("blocks_failed", self.metrics.failed)):
+                             ("blocks_failed", self.metrics.failed),
+                             ("push_seconds", self.metrics.push_seconds)):
             delta = p[key] - self._last.get(key, 0)
             if delta > 0:
                 counter.inc(delta)

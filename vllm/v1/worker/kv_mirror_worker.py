@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -78,8 +79,13 @@ class ReadyEvent(Protocol):
     def synchronize(self) -> None: ...
 
 
-# How often the push thread polls a WRITE in flight (it sleeps while none is).
-PUSH_POLL_S = 0.0001
+# How often the push thread polls a WRITE in flight (it sleeps while none is): first
+# after PUSH_POLL_MIN_S, then twice as long after each poll that finds nothing new, up to
+# PUSH_POLL_MAX_S. A poll holds the GIL (NIXL's Python binding keeps it while UCX makes
+# progress) that the engine's own loop needs: on a small model a 0.1 ms poll loop cost
+# more than the copies.
+PUSH_POLL_MIN_S = 0.0002
+PUSH_POLL_MAX_S = 0.002
 
 
 @dataclass
@@ -88,11 +94,14 @@ class MirrorCompletions:
     failed: list[int] = field(default_factory=list)
     # seq -> forwards launched after the step's own when it was confirmed (done only).
     lag_steps: dict[int, int] = field(default_factory=dict)
+    # Seconds spent posting and polling WRITEs (the GIL held) since the last report.
+    push_seconds: float = 0.0
 
     def extend(self, other: MirrorCompletions) -> None:
         self.done.extend(other.done)
         self.failed.extend(other.failed)
         self.lag_steps.update(other.lag_steps)
+        self.push_seconds += other.push_seconds
 
     def __bool__(self) -> bool:
         return bool(self.done or self.failed)
@@ -124,6 +133,13 @@ class MirrorPusher:
         self._start_ready()
 
     def _start_ready(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._start_ready_steps()
+        finally:
+            self._completions.push_seconds += time.perf_counter() - t0
+
+    def _start_ready_steps(self) -> None:
         # Steps complete in order on one stream: stop at the first not-ready one.
         while self._waiting and (self._waiting[0][1] is None or self._waiting[0][1].query()):
             ops, ready = self._waiting.popleft()
@@ -151,6 +167,7 @@ class MirrorPusher:
     def poll(self) -> MirrorCompletions:
         """Start what became ready, collect what finished; returns and clears them."""
         self._start_ready()
+        t0 = time.perf_counter()
         for seq, handle in list(self._in_flight.items()):
             try:
                 if self.transport.poll(handle):
@@ -175,6 +192,7 @@ class MirrorPusher:
                 if seq in self._awaiting_ack:
                     self._awaiting_ack.discard(seq)
                     self._done(seq)
+        self._completions.push_seconds += time.perf_counter() - t0
         out, self._completions = self._completions, MirrorCompletions()
         return out
 
@@ -233,6 +251,7 @@ class PushThread:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         pusher = self.pusher
+        poll_s = PUSH_POLL_MIN_S
         while True:
             with self._cond:
                 while not (self._queue or self._stop or pusher.in_flight_steps):
@@ -240,7 +259,9 @@ class PushThread:
                 if self._stop:
                     return
                 if not self._queue:
-                    self._cond.wait(PUSH_POLL_S)
+                    self._cond.wait(poll_s)
+                if self._queue:
+                    poll_s = PUSH_POLL_MIN_S
                 items = list(self._queue)
                 self._queue.clear()
             try:
@@ -255,7 +276,9 @@ class PushThread:
                 logger.warning("mirror: push thread: %s; failing the steps in flight", e)
                 pusher.fail_all(also=[ops.seq for ops, _, _ in items])
                 done = pusher.poll()
-            if done:
+            # Nothing new: wait longer before the next poll (a big WRITE takes a while).
+            poll_s = PUSH_POLL_MIN_S if done else min(poll_s * 2, PUSH_POLL_MAX_S)
+            if done or done.push_seconds:
                 with self._cond:
                     self._out.extend(done)
 
