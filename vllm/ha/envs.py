@@ -32,3 +32,16 @@ def snapshot_keeps_weights() -> bool:
     """``VLLM_HA_SNAPSHOT_WEIGHTS=1`` (set by ``--snapshot-root``): the CPU build keeps
     its linear weights unpacked so a snapshot can store them (patch 0016)."""
     return os.environ.get("VLLM_HA_SNAPSHOT_WEIGHTS", "0") == "1"
+
+
+def restored_model() -> tuple[str, str] | None:
+    """``VLLM_HA_RESTORED_MODEL`` (set by ``--restore-from``): ``[path, original]``, the
+    model path this server reads and the one the snapshot was taken of, which it
+    hashes as (the compile cache and startup plan are keyed by it)."""
+    import json
+
+    raw = os.environ.get("VLLM_HA_RESTORED_MODEL")
+    if not raw:
+        return None
+    path, original = json.loads(raw)
+    return str(path), str(original)

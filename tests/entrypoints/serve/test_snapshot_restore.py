@@ -188,6 +188,35 @@ def test_periodic_snapshots(tiny_model, tmp_path):
         assert last["bytes_linked"] > 0.9 * last["bytes"]
 
 
+def test_restore_on_a_fresh_node_uses_the_snapshots_compile_cache(tiny_model, tmp_path):
+    """Compiled (no --enforce-eager): the snapshot carries the compile cache, and a
+    server restored where the cache root is empty looks its model up under the
+    original's key (vLLM's key hashes the model path, which the restore changes)."""
+    root, aot = tmp_path / "cc-root", ("torch_compile_cache", "torch_aot_compile")
+    env = child_env(VLLM_HA_ADMIN_KEY=ADMIN_KEY, VLLM_CACHE_ROOT=str(tmp_path / "node-a"))
+    env.pop("TORCHDYNAMO_DISABLE", None)
+    args = [a for a in ARGS if a != "--enforce-eager"]
+    with RemoteServer(str(tiny_model), [*args, "--snapshot-root", str(root)],
+                      tmp_path / "compiled.log", env=env) as s:
+        ref = tokens(complete(s))
+        snap = snapshot(s, "cc")
+    keys = [p.name for p in tmp_path.joinpath("node-a", *aot).iterdir()]
+    assert len(keys) == 1 and snap["compile_cache"]["files"] > 0, (keys, snap)
+    files = SnapshotStore(root).read("cc").manifest["files"]
+    assert any(f.startswith(f"compile/torch_aot_compile/{keys[0]}/") for f in files)
+
+    node_b = tmp_path / "node-b"
+    with RemoteServer("", ["--restore-from", str(root / "cc")], tmp_path / "restored.log",
+                      env={**env, "VLLM_CACHE_ROOT": str(node_b)}) as restored:
+        assert tokens(complete(restored)) == ref
+        log = restored.log_path.read_text()
+    assert "compile cache in place" in log
+    # Same key: nothing compiled under another one. (The GPU build loads the artifact;
+    # the CPU build's AOT loader recompiles into it, as on any restart of that build.)
+    assert [p.name for p in node_b.joinpath(*aot).iterdir()] == keys
+    assert f"torch_aot_compile/{keys[0]}/rank_0_0/model" in log
+
+
 def _serve_fails(args: list[str], timeout: int = 120) -> str:
     r = subprocess.run([*vllm_cli(), "serve", *args], capture_output=True, text=True,
                        env=child_env(), timeout=timeout)

@@ -23,6 +23,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm.ha.metrics import ProcessMetrics
+from vllm.v1.checkpoint.compile_cache import CacheFiles, original_model, write_cache_files
 from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
 from vllm.v1.engine.snapshot import copy_model_files, ha_version
 
@@ -127,9 +128,13 @@ class SnapshotManager:
                     await asyncio.to_thread(writer.link, rel)
                 model = self.client.vllm_config.model_config.model
                 model_files = await asyncio.to_thread(copy_model_files, writer, model)
+                # Keyed by vLLM's config hash: a restore on a fresh node finds it there.
+                cache = await asyncio.to_thread(
+                    write_cache_files, writer,
+                    CacheFiles.of(res["compile_units"], res["startup_plans"]))
                 meta = {"engine_args": self._recorded_args(), "model_files": model_files,
                         "kv_blocks": res["kv_blocks"], "codec": res["codec"],
-                        "model": model}
+                        "model": original_model(model), "compile_cache": cache}
                 snap = await asyncio.to_thread(writer.commit, res["identity"],
                                                ha_version(), meta)
             except BaseException as e:
@@ -159,6 +164,7 @@ class SnapshotManager:
                 "kv_blocks_written": res["kv_blocks_written"],
                 "codec": res["codec"], "seconds": round(total, 3),
                 "engine_pause_seconds": round(res["seconds"], 3),
+                "compile_cache": {k: cache[k] for k in ("files", "bytes", "startup_plans")},
                 "commit_seconds": round(time.perf_counter() - t_engine, 3),
             }
             self.last_error = None

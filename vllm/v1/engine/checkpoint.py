@@ -121,6 +121,9 @@ class EngineCoreCheckpointMixin:
             for seg in plan.keep:
                 link.update(kv_segment_files(seg, w["rank"]))
         return {"files": files, "link": sorted(link), "kv_blocks": len(ids),
+                "compile_units": sorted({u for w in workers for u in w["cache"]["compile_units"]}),
+                "startup_plans": [w["cache"]["startup_plan"] for w in workers
+                                  if w["cache"]["startup_plan"]],
                 "kv_blocks_written": len(plan.write_ids),
                 "codec": workers[0]["codec"],
                 "identity": identity(self.vllm_config),  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm.v1.checkpoint.byteplane import ByteplaneCodec, EncodedPlane, EncodedTensor
+from vllm.v1.checkpoint.compile_cache import worker_cache_info
 from vllm.v1.checkpoint.snapshot import PieceHasher, SnapshotError, write_file
 from vllm.v1.worker.checkpoint_worker import (
     CHUNK_BYTES,
@@ -182,6 +183,7 @@ class WorkerSnapshot(WorkerPart):
         t_kv = time.perf_counter()
         return {"files": files, "link": linked, "rank": self.rank,
                 "codec": codec.codec.name if codec else "none",
+                "cache": worker_cache_info(self.worker),
                 "seconds": {"weights": t_weights - t0, "kv": t_kv - t_weights}}
 
     def _write_weights(self, gen: Path, w_bin: str, w_idx: str,

@@ -20,6 +20,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm.v1.checkpoint.compile_cache import COMPILE_DIR, PLAN_DIR, install_cache_files
 from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
 from vllm.v1.engine.snapshot import LOAD_FORMAT, ha_version
 
@@ -115,3 +116,28 @@ def apply(args: argparse.Namespace) -> None:
     if isinstance(extra, str):
         extra = json.loads(extra)
     args.model_loader_extra_config = {**extra, "snapshot": str(snap.path)}
+    _use_cache_files(snap, args.model, meta)
+
+
+def _use_cache_files(snap: Any, model: str, meta: dict[str, Any]) -> None:
+    """The snapshot's compile cache and startup plan go where vLLM looks for them, and
+    this server's model hashes as the snapshot's (vLLM's cache key includes it)."""
+    original = meta.get("model")
+    if original and original != model:
+        os.environ["VLLM_HA_RESTORED_MODEL"] = json.dumps([model, original])
+    names = [rel for rel in snap.manifest["files"]
+             if rel.startswith((f"{COMPILE_DIR}/", f"{PLAN_DIR}/"))]
+    if not names:
+        logger.info("Restore from %s: the snapshot holds no compile cache (the engine "
+                    "compiles)", snap.path)
+        return
+    t0 = time.perf_counter()
+    res = install_cache_files(snap.path, names)
+    plans = any(rel.startswith(f"{PLAN_DIR}/") for rel in names)
+    if plans:
+        # Upstream's opt-in; the plan is applied only if the GPU has as much free
+        # memory as when it was measured.
+        os.environ.setdefault("VLLM_ENABLE_STARTUP_PLAN", "1")
+    logger.info("Restore from %s: compile cache%s in place (%d files installed, %d "
+                "already there) in %.2f s", snap.path, " and startup plan" if plans else "",
+                res["installed"], res["kept"], time.perf_counter() - t0)
