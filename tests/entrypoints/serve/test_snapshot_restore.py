@@ -71,6 +71,8 @@ def test_snapshot_restores_into_a_new_server_without_the_model(server, root, tmp
     refs = {p: tokens(complete(server, p)) for p in (PROMPT, OTHER)}
     first = snapshot(server, "s1")
     assert first["kv_blocks"] >= 2 * ((len(PROMPT.split()) // 16) or 1)
+    # The serving engine paused for the copies only; the files were written after.
+    assert first["written_in_background"] and first["engine_pause_seconds"] < first["seconds"]
     assert first["bytes_linked"] == 0 and first["codec"] == status(server)["snapshot"][
         "last"]["codec"]
     snap = SnapshotStore(root).read("s1")  # verifies every checksum
@@ -110,6 +112,7 @@ def test_checkpoint_also_writes_a_snapshot(server, root):
     st = checkpoint(server, snapshot="c1", **KEEP_GPU)
     assert st["state"] == "checkpointed" and "snapshot" in st["phases_s"]
     assert st["snapshot"]["last"]["name"] == "c1"
+    assert not st["snapshot"]["last"]["written_in_background"]  # paused anyway
     SnapshotStore(root).read("c1")
     restore(server)
     assert tokens(complete(server)) == ref

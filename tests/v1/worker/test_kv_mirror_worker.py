@@ -209,8 +209,9 @@ def test_push_thread_starts_a_write_once_its_forward_is_done_and_counts_the_lag(
         while not done:
             assert time.monotonic() < deadline, "the push thread never completed the step"
             time.sleep(0.001)
-            done = thread.take()
+            done.extend(thread.take())
         assert done.done == [ops.seq] and done.lag_steps == {ops.seq: 2}
+        assert done.push_seconds > 0  # posting and polling the WRITE, reported
     finally:
         thread.close()
     primary.tracker.complete(ops.seq)

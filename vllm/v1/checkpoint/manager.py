@@ -184,14 +184,15 @@ class CheckpointManager:
 
     # -- requests held while not serving ------------------------------------------------
 
-    async def snapshot(self, name: str, codec: str = "auto") -> dict[str, Any]:
+    async def snapshot(self, name: str, codec: str = "auto",
+                       background: bool = True) -> dict[str, Any]:
         """A snapshot of the serving engine (it pauses between two steps for the
         write; requests are not held)."""
         if not self.lifecycle.accepting:
             raise CheckpointCallError(
                 409, f"cannot snapshot while {self.lifecycle.state.value}: POST "
                 "/checkpoint with a snapshot name writes one while checkpointing")
-        return await self.snapshots.write(name, codec)
+        return await self.snapshots.write(name, codec, background)
 
     async def hold(self) -> None:
         """Wait (a generation request) until the server serves."""
@@ -292,7 +293,7 @@ class CheckpointManager:
             # An nvCOMP-compressed snapshot would make the driver restore fail.
             codec = "none" if self._releases_gpu(opts) else opts.codec
             try:
-                await self.snapshots.write(opts.snapshot, codec)
+                await self.snapshots.write(opts.snapshot, codec, background=False)
             except BaseException:
                 await self.client.resume_generation()
                 raise

@@ -2,10 +2,12 @@
 """Snapshots on disk from the API server: ``POST /checkpoint {"snapshot": NAME}``,
 ``POST /snapshot`` and ``--snapshot-interval``.
 
-The engine writes its files (weights by name, the prefix cache's blocks and hashes)
-into a fresh generation directory between two steps, so a snapshot of a serving engine
-pauses it for the write and nothing else; weights this process already wrote are
-hard-linked from the previous generation, not written again. This side adds the
+The engine copies what it writes (weights by name, the prefix cache's blocks and
+hashes) to host memory between two steps and writes the files into a fresh generation
+directory while it goes on serving, so a snapshot pauses it for the copy and nothing
+else (inside a checkpoint, and when the copies would not fit in host memory, the files
+are written in the pause); weights this process already wrote are hard-linked from the
+previous generation, not written again. This side adds the
 model's configuration and tokenizer files and the settings to start from it, then
 commits the generation (manifest last, ``CURRENT`` swapped): a failure at any point
 leaves the previous snapshot current and valid.
@@ -30,6 +32,8 @@ from vllm.v1.engine.snapshot import copy_model_files, ha_version
 logger = init_logger(__name__)
 
 PERIODIC_NAME = "periodic"
+# How often a background snapshot write is asked whether its files are on disk.
+BACKGROUND_POLL_S = 0.1
 # Settings that shape the engine, recorded so `--restore-from` starts the same one.
 RECORDED_ARGS = (
     "served_model_name", "max_model_len", "block_size", "enable_prefix_caching",
@@ -105,9 +109,12 @@ class SnapshotManager:
         return {k: getattr(self.args, k) for k in RECORDED_ARGS
                 if self.args is not None and hasattr(self.args, k)}
 
-    async def write(self, name: str, codec: str = "auto") -> dict[str, Any]:
+    async def write(self, name: str, codec: str = "auto",
+                    background: bool = True) -> dict[str, Any]:
         """One snapshot ``ROOT/name``; the previous one of that name stays current
-        until this one is whole."""
+        until this one is whole. ``background``: the engine pauses only while the
+        bytes are copied to host memory; the files are written while it serves (a
+        checkpoint, whose engine is paused anyway, writes them in the pause)."""
         store = self.store()
         async with self._lock:
             t0 = time.perf_counter()
@@ -120,7 +127,9 @@ class SnapshotManager:
                 linkable = {rel: e["sha256"] for rel, e in prev.items()}
                 res = await self.client.engine_core.call_utility_async(
                     "snapshot_write", str(writer.path), codec, linkable,
-                    str(writer.previous.path) if writer.previous else None)
+                    str(writer.previous.path) if writer.previous else None, background)
+                if res["pending"]:
+                    res["files"].update(await self._background_files())
                 t_engine = time.perf_counter()
                 for rel, entry in res["files"].items():
                     writer.add(rel, entry)
@@ -164,6 +173,7 @@ class SnapshotManager:
                 "kv_blocks_written": res["kv_blocks_written"],
                 "codec": res["codec"], "seconds": round(total, 3),
                 "engine_pause_seconds": round(res["seconds"], 3),
+                "written_in_background": res["pending"],
                 "compile_cache": {k: cache[k] for k in ("files", "bytes", "startup_plans")},
                 "commit_seconds": round(time.perf_counter() - t_engine, 3),
             }
@@ -179,6 +189,14 @@ class SnapshotManager:
                         res["kv_blocks"], res["kv_blocks_written"], total, res["seconds"],
                         snap.path)
             return dict(self.last)
+
+    async def _background_files(self) -> dict[str, Any]:
+        """The engine's files of a background write, once on disk (it serves meanwhile)."""
+        while True:
+            done = await self.client.engine_core.call_utility_async("snapshot_write_finish")
+            if done is not None:
+                return done["files"]
+            await asyncio.sleep(BACKGROUND_POLL_S)
 
     # -- periodic -------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from vllm.v1.worker.checkpoint_worker import (
 )
 from vllm.v1.worker.snapshot_worker import (
     kv_segment_files,
+    rpc_snapshot_finish,
     rpc_snapshot_load_kv,
     rpc_snapshot_weights_linkable,
     rpc_snapshot_write,
@@ -94,10 +95,14 @@ class EngineCoreCheckpointMixin:
     # -- snapshots on disk (issue 6) -------------------------------------------------
 
     def snapshot_write(self, gen_dir: str, codec: str, linkable: dict[str, list[str]],
-                       previous_dir: str | None = None) -> dict[str, Any]:
+                       previous_dir: str | None = None,
+                       background: bool = False) -> dict[str, Any]:
         """Weights and the prefix cache's blocks (with their hashes) into ``gen_dir``;
         what ``previous_dir`` (the generation it replaces) holds of them is linked.
-        Runs between steps: the engine is paused for exactly this long."""
+        Runs between steps: the engine is paused for exactly this long. With
+        ``background`` the workers return once the bytes are copied to host memory
+        and write the files afterwards (``pending``: collect them with
+        :meth:`snapshot_write_finish`), so the pause is the copy, not the disk."""
         t0 = time.perf_counter()
         pool = self.scheduler.kv_cache_manager.block_pool  # type: ignore[attr-defined]
         executor = self.model_executor  # type: ignore[attr-defined]
@@ -112,7 +117,8 @@ class EngineCoreCheckpointMixin:
         gen = Path(gen_dir)
         plan = KVPlan.make(gen.name, ids, entries, previous)
         workers = executor.collective_rpc(
-            rpc_snapshot_write, args=(gen_dir, plan.write_ids, codec, linkable, plan.segment))
+            rpc_snapshot_write,
+            args=(gen_dir, plan.write_ids, codec, linkable, plan.segment, background))
         files = {BLOCKS_FILE: write_blocks_file(gen, plan)}
         link: set[str] = set()
         for w in workers:
@@ -125,10 +131,23 @@ class EngineCoreCheckpointMixin:
                 "startup_plans": [w["cache"]["startup_plan"] for w in workers
                                   if w["cache"]["startup_plan"]],
                 "kv_blocks_written": len(plan.write_ids),
+                "pending": any(w["pending"] for w in workers),
                 "codec": workers[0]["codec"],
                 "identity": identity(self.vllm_config),  # type: ignore[attr-defined]
                 "seconds": time.perf_counter() - t0,
                 "workers": [w["seconds"] for w in workers]}
+
+    def snapshot_write_finish(self) -> dict[str, Any] | None:
+        """The files of a background snapshot write, once every worker's are on disk
+        (None until then); raises if a worker's write failed."""
+        results = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_snapshot_finish)
+        if any(r is None for r in results):
+            return None
+        files: dict[str, Any] = {}
+        for r in results:
+            files.update(r)
+        return {"files": files}
 
     def restore_snapshot_kv(self) -> None:
         """Startup hook (patch 0013): with ``--restore-from``, the snapshot's prefix

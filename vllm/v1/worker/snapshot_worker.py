@@ -24,7 +24,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +64,33 @@ def codec_for(stored_name: str, device: torch.device) -> ByteplaneCodec | None:
 
 
 class ChunkFileWriter:
-    """Appends encoded chunks to one file; the index says where each plane is."""
+    """Appends encoded chunks to one file; the index says where each plane is.
 
-    def __init__(self, path: Path) -> None:
+    ``deferred``: the chunks' host copies are kept and written by :meth:`flush` later,
+    off the engine's step (a snapshot of a serving engine pauses it for the copies
+    only); the index is complete as soon as the chunks are in."""
+
+    def __init__(self, path: Path, deferred: bool = False) -> None:
         self.path = path
-        self._f = open(path, "wb")
+        self._parts: list[torch.Tensor] | None = [] if deferred else None
+        self._f = None if deferred else open(path, "wb")
         self._hasher = PieceHasher()
+        self._size = 0
         self.raw_bytes = 0
 
     def _put(self, t: torch.Tensor) -> dict[str, int]:
+        at, n = self._size, t.numel()
+        self._size += n
+        if self._parts is not None:
+            self._parts.append(t)
+        else:
+            self._write(t)
+        return {"at": at, "len": n}
+
+    def _write(self, t: torch.Tensor) -> None:
         data = t.numpy().tobytes() if t.numel() else b""
-        at = self._hasher.size
         self._f.write(data)
         self._hasher.update(data)
-        return {"at": at, "len": len(data)}
 
     def chunk(self, c: HostChunk) -> dict[str, Any]:
         self.raw_bytes += c.nbytes
@@ -87,11 +102,57 @@ class ChunkFileWriter:
                 "planes": [{"compressed": p.compressed, "nbytes": p.nbytes,
                             **self._put(p.data)} for p in c.planes.planes]}
 
+    @property
+    def deferred(self) -> bool:
+        return self._parts is not None
+
     def close(self) -> dict[str, Any]:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         return self._hasher.entry()
+
+    def flush(self) -> dict[str, Any]:
+        """A deferred file: write the kept chunks (freeing each), fsync; its entry."""
+        self._f = open(self.path, "wb")
+        parts, self._parts = self._parts or [], None
+        while parts:
+            self._write(parts.pop(0))
+        return self.close()
+
+
+class BackgroundFiles:
+    """Writes files on a thread (``job`` returns their manifest entries); :meth:`result`
+    is the entries once all are on disk, or raises what went wrong (a full disk, say)."""
+
+    def __init__(self, job: Callable[[], dict[str, Any]]) -> None:
+        self._job: Callable[[], dict[str, Any]] | None = job
+        self._entries: dict[str, Any] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="SnapshotWrite", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def flushing(cls, writers: list[tuple[str, ChunkFileWriter]]) -> BackgroundFiles:
+        """The deferred files ``writers`` (their chunks already encoded)."""
+        return cls(lambda: {rel: w.flush() for rel, w in writers})
+
+    def _run(self) -> None:
+        try:
+            self._entries = self._job()
+        except BaseException as e:  # reported to the engine by result()
+            self._error = e
+        self._job = None  # what it held (host copies) goes now
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> dict[str, Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._entries
 
 
 class ChunkFileReader:
@@ -138,6 +199,7 @@ class WorkerSnapshot(WorkerPart):
         # Weights do not change while serving: a later snapshot links the file this
         # process wrote (these are its piece checksums) instead of encoding them again.
         self.weights_written: list[str] | None = None
+        self._background: BackgroundFiles | None = None
 
     def _model(self) -> torch.nn.Module:
         return self.worker.model_runner.model
@@ -152,14 +214,46 @@ class WorkerSnapshot(WorkerPart):
         return (self.weights_written is not None and w_idx in linkable
                 and linkable.get(w_bin) == self.weights_written)
 
+    def _host_room_for(self, write_weights: bool, num_blocks: int) -> bool:
+        """Whether the copies of a deferred write fit in host memory (at their raw size:
+        the codec may not shrink them) beside the checkpoint reserve."""
+        import psutil
+
+        from vllm.ha import envs as ha_envs
+
+        need = 0
+        if write_weights:
+            model = self._model()
+            need += sum(t.numel() * t.element_size() for t in
+                        [*model.parameters(), *model.buffers()])
+        if num_blocks:
+            per_block = sum(t.numel() * t.element_size()
+                            for t in unique_tensors(self._kv_caches())) // self._num_blocks()
+            need += num_blocks * per_block
+        free = psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+        if need > free:
+            logger.warning("Snapshot: %.2f GiB of copies do not fit in host memory (%.2f "
+                           "GiB free beside the reserve): written inside the engine's "
+                           "pause", need / 2**30, max(free, 0) / 2**30)
+        return need <= free
+
     @torch.inference_mode()
     def write(self, gen_dir: str, block_ids: list[int], codec_name: str,
-              linkable: dict[str, list[str]], kv_segment: str) -> dict[str, Any]:
+              linkable: dict[str, list[str]], kv_segment: str,
+              background: bool = False) -> dict[str, Any]:
         """Write this rank's files into ``gen_dir``; entries for the manifest.
         ``linkable``: rel -> piece checksums of the previous generation's files; the
         weights file is linked, not written, if it is the one this process wrote.
         ``block_ids``: the blocks of the new KV segment ``kv_segment`` (none: no
-        segment is written)."""
+        segment is written). ``background``: return once the bytes are copied to host
+        memory, and write the files on a thread (``pending`` in the result; their
+        entries come from :meth:`finish`), if the copies fit in host memory."""
+        if self._background is not None:  # a write nobody collected: never two at once
+            try:
+                self._background.result()
+            except Exception as e:
+                logger.warning("Snapshot: an uncollected background write failed: %s", e)
+            self._background = None
         t0 = time.perf_counter()
         gen = Path(gen_dir)
         codec = make_codec(codec_name, self.device)
@@ -167,30 +261,91 @@ class WorkerSnapshot(WorkerPart):
         files: dict[str, Any] = {}
         linked: list[str] = []
         w_bin, w_idx = self._weights_files()
-        if self.weights_linkable(linkable):
+        write_weights = not self.weights_linkable(linkable)
+        deferred = background and self._host_room_for(write_weights, len(block_ids))
+        if not write_weights:
             linked = [w_bin, w_idx]
-        else:
-            files.update(self._write_weights(gen, w_bin, w_idx, codec, pin))
-            self.weights_written = files[w_bin]["sha256"]
+        if deferred and self.device.type == "cpu":
+            # The host is the device: the pause copies the KV rows (they may change once
+            # the engine steps again) and the encoding runs on the thread too; weights
+            # do not change while serving and are read there as they are.
+            rows = self._kv_rows(block_ids, copy=True)
+            t_weights = time.perf_counter()
+            self._background = BackgroundFiles(lambda: {
+                **(self._write_weights(gen, w_bin, w_idx, codec, pin) if write_weights
+                   else {}),
+                **(self._write_kv(gen, kv_segment, len(block_ids), rows, codec, pin)
+                   if block_ids else {})})
+            return self._write_result(files, linked, codec, True, t0, t_weights)
+        writers: list[tuple[str, ChunkFileWriter]] = []
+        if write_weights:
+            files.update(self._write_weights(gen, w_bin, w_idx, codec, pin, deferred, writers))
         t_weights = time.perf_counter()
         if block_ids:
-            files.update(self._write_kv(gen, kv_segment, block_ids, codec, pin))
+            files.update(self._write_kv(gen, kv_segment, len(block_ids),
+                                        self._kv_rows(block_ids, copy=False), codec, pin,
+                                        deferred, writers))
         if self.device.type == "cuda":
             # Nothing of the write may outlive it on the device (a checkpoint may follow).
             torch.cuda.synchronize(self.device)
             gc.collect()
             torch.cuda.empty_cache()
-        t_kv = time.perf_counter()
-        return {"files": files, "link": linked, "rank": self.rank,
+        if writers:
+            self._background = BackgroundFiles.flushing(writers)
+        elif write_weights:
+            self.weights_written = files[w_bin]["sha256"]
+        return self._write_result(files, linked, codec, bool(writers), t0, t_weights)
+
+    def _write_result(self, files: dict[str, Any], linked: list[str],
+                      codec: ByteplaneCodec | None, pending: bool, t0: float,
+                      t_weights: float) -> dict[str, Any]:
+        return {"files": files, "link": linked, "rank": self.rank, "pending": pending,
                 "codec": codec.codec.name if codec else "none",
                 "cache": worker_cache_info(self.worker),
-                "seconds": {"weights": t_weights - t0, "kv": t_kv - t_weights}}
+                "seconds": {"weights": t_weights - t0, "kv": time.perf_counter() - t_weights}}
+
+    def _kv_rows(self, block_ids: list[int], copy: bool
+                 ) -> list[tuple[int, Callable[[int, int], torch.Tensor]]]:
+        """Per KV tensor: its row (block) size and ``rows(start, end)``, the bytes of
+        ``block_ids[start:end]``, gathered when asked (``copy``: gathered now, a copy
+        the engine's next steps cannot change)."""
+        if not block_ids:
+            return []
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        out = []
+        for t in unique_tensors(self._kv_caches()):
+            blocks = t.view(self._num_blocks(), -1)
+            if copy:
+                taken = blocks.index_select(0, ids)
+                out.append((blocks.shape[1], lambda s, e, taken=taken: taken[s:e]))
+            else:
+                out.append((blocks.shape[1], lambda s, e, blocks=blocks:
+                            blocks.index_select(0, ids[s:e])))
+        return out
+
+    def finish(self) -> dict[str, Any] | None:
+        """The entries of the files a background write put on disk ({} if none ran);
+        None while it runs. Raises what failed it (the generation is then abandoned)."""
+        bg = self._background
+        if bg is None:
+            return {}
+        if not bg.done:
+            return None
+        self._background = None
+        files = bg.result()
+        w_bin, _ = self._weights_files()
+        if w_bin in files:
+            # Linkable by the next snapshot only once it is whole on disk.
+            self.weights_written = files[w_bin]["sha256"]
+        return files
 
     def _write_weights(self, gen: Path, w_bin: str, w_idx: str,
-                       codec: ByteplaneCodec | None, pin: bool) -> dict[str, Any]:
+                       codec: ByteplaneCodec | None, pin: bool, deferred: bool = False,
+                       writers: list[tuple[str, ChunkFileWriter]] | None = None
+                       ) -> dict[str, Any]:
         model = self._model()
         (gen / "weights").mkdir(parents=True, exist_ok=True)
-        writer = ChunkFileWriter(gen / w_bin)
+        writer = ChunkFileWriter(gen / w_bin, deferred)
         index: dict[str, Any] = {"codec": codec.codec.name if codec else "none",
                                  "tensors": []}
         named = list(model.named_parameters()) + list(model.named_buffers())
@@ -202,30 +357,39 @@ class WorkerSnapshot(WorkerPart):
                       for off in range(0, flat.numel(), CHUNK_BYTES)]
             index["tensors"].append({"name": name, "dtype": str(t.dtype),
                                      "shape": list(t.shape), "chunks": chunks})
-        entries = {w_bin: writer.close()}
-        entries[w_idx] = write_file(gen / w_idx, json.dumps(index).encode())
+        return self._finish_file(gen, w_bin, w_idx, writer, index, writers)
+
+    @staticmethod
+    def _finish_file(gen: Path, rel: str, idx: str, writer: ChunkFileWriter,
+                     index: dict[str, Any], writers: list[tuple[str, ChunkFileWriter]] | None
+                     ) -> dict[str, Any]:
+        entries = {idx: write_file(gen / idx, json.dumps(index).encode())}
+        if writer.deferred:
+            assert writers is not None
+            writers.append((rel, writer))
+        else:
+            entries[rel] = writer.close()
         return entries
 
-    def _write_kv(self, gen: Path, segment: str, block_ids: list[int],
-                  codec: ByteplaneCodec | None, pin: bool) -> dict[str, Any]:
+    def _write_kv(self, gen: Path, segment: str, n: int,
+                  sources: list[tuple[int, Callable[[int, int], torch.Tensor]]],
+                  codec: ByteplaneCodec | None, pin: bool, deferred: bool = False,
+                  writers: list[tuple[str, ChunkFileWriter]] | None = None
+                  ) -> dict[str, Any]:
+        """The ``n`` blocks of a KV segment; ``sources`` from :meth:`_kv_rows`."""
         k_bin, k_idx = kv_segment_files(segment, self.rank)
         (gen / "kv").mkdir(parents=True, exist_ok=True)
-        writer = ChunkFileWriter(gen / k_bin)
+        writer = ChunkFileWriter(gen / k_bin, deferred)
         index: dict[str, Any] = {"codec": codec.codec.name if codec else "none",
-                                 "num_blocks": len(block_ids), "tensors": []}
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        num_blocks = self._num_blocks()
-        for t in unique_tensors(self._kv_caches()):
-            blocks = t.view(num_blocks, -1)
-            row = blocks.shape[1]
+                                 "num_blocks": n, "tensors": []}
+        for row, rows_of in sources:
             rows = max(1, CHUNK_BYTES // row)
             chunks = []
-            for start in range(0, len(block_ids), rows):
-                gathered = blocks.index_select(0, ids[start:start + rows])
+            for start in range(0, n, rows):
+                gathered = rows_of(start, min(start + rows, n)).contiguous()
                 chunks.append(writer.chunk(_encode(codec, gathered.view(-1), start, pin)))
             index["tensors"].append({"row_bytes": row, "chunks": chunks})
-        return {k_bin: writer.close(),
-                k_idx: write_file(gen / k_idx, json.dumps(index).encode())}
+        return self._finish_file(gen, k_bin, k_idx, writer, index, writers)
 
     # -- load (a new process) ---------------------------------------------------
 
@@ -350,8 +514,14 @@ def rpc_snapshot_weights_linkable(worker: Any, linkable: dict[str, list[str]]) -
 
 
 def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: str,
-                       linkable: dict[str, list[str]], kv_segment: str) -> dict[str, Any]:
-    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable, kv_segment)
+                       linkable: dict[str, list[str]], kv_segment: str,
+                       background: bool = False) -> dict[str, Any]:
+    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable, kv_segment,
+                                           background)
+
+
+def rpc_snapshot_finish(worker: Any) -> dict[str, Any] | None:
+    return WorkerSnapshot.of(worker).finish()
 
 
 def rpc_snapshot_load_kv(worker: Any, gen_dir: str,

@@ -90,13 +90,17 @@ class SnapshotRequest:
     name: str
     """The snapshot ``ROOT/NAME`` to write (one path component)."""
     codec: str = "auto"
+    background: bool = True
+    """Pause the engine only for the copy to host memory and write the files while it
+    serves; false writes them in the pause (host memory is then not needed)."""
 
 
 @router.post("/snapshot")
 async def snapshot(raw_request: Request, body: SnapshotRequest) -> JSONResponse:
     if body.codec not in CODECS:
         return _error(400, f"codec must be one of {', '.join(CODECS)}")
-    return await _call(raw_request, lambda m: m.snapshot(body.name, body.codec))
+    return await _call(raw_request,
+                       lambda m: m.snapshot(body.name, body.codec, body.background))
 
 
 @router.post("/restore")

@@ -43,8 +43,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--snapshot-interval", type=float, default=None,
         help="Seconds between snapshots of the serving engine into ROOT/periodic "
-        "(needs --snapshot-root). The engine pauses between two steps for the write "
-        "of its prefix cache; weights are written once and linked afterwards.")
+        "(needs --snapshot-root). The engine pauses between two steps while what "
+        "changed is copied to host memory, and serves while the files are written; "
+        "weights are written once and linked afterwards.")
     group.add_argument(
         "--restore-from", type=str, default=None,
         help="Start from the snapshot ROOT/NAME: weights, prefix cache and (when no "
