@@ -37,6 +37,7 @@ from vllm.v1.worker.snapshot_worker import (
     kv_segment_files,
     rpc_snapshot_finish,
     rpc_snapshot_load_kv,
+    rpc_snapshot_wait,
     rpc_snapshot_weights_linkable,
     rpc_snapshot_write,
 )
@@ -82,6 +83,9 @@ class EngineCoreCheckpointMixin:
             self.scheduler.reset_prefix_cache(  # type: ignore[attr-defined]
                 reset_running_requests=True)
         blocks = self._checkpoint_blocks(keep_kv)
+        # A snapshot still being written may read the weights the offload frees (on
+        # the CPU build it encodes them on its thread): it finishes first.
+        self.model_executor.collective_rpc(rpc_snapshot_wait)  # type: ignore[attr-defined]
         workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
             rpc_checkpoint_offload, args=(blocks, codec))
         return {"kv_blocks": len(blocks), "workers": workers}

@@ -148,6 +148,9 @@ class BackgroundFiles:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    def wait(self) -> None:
+        self._thread.join()
+
     def result(self) -> dict[str, Any]:
         self._thread.join()
         if self._error is not None:
@@ -325,6 +328,11 @@ class WorkerSnapshot(WorkerPart):
                 out.append((blocks.shape[1], lambda s, e, blocks=blocks:
                             blocks.index_select(0, ids[s:e])))
         return out
+
+    def wait(self) -> None:
+        """Until a background write is done (its result stays for :meth:`finish`)."""
+        if self._background is not None:
+            self._background.wait()
 
     def finish(self) -> dict[str, Any] | None:
         """The entries of the files a background write put on disk ({} if none ran);
@@ -525,6 +533,10 @@ def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: s
 
 def rpc_snapshot_finish(worker: Any) -> dict[str, Any] | None:
     return WorkerSnapshot.of(worker).finish()
+
+
+def rpc_snapshot_wait(worker: Any) -> None:
+    WorkerSnapshot.of(worker).wait()
 
 
 def rpc_snapshot_load_kv(worker: Any, gen_dir: str,
