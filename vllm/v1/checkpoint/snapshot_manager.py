@@ -94,6 +94,8 @@ class SnapshotManager:
         self.metrics = SnapshotMetrics.get()
         self.last: dict[str, Any] | None = None
         self.last_error: str | None = None
+        # The snapshot being written: name, phase (engine | files | commit), since when.
+        self.writing: dict[str, Any] | None = None
         # See manager._NVCOMP_DRIVER: such a process is not driver-checkpointed.
         self.nvcomp_written = False
         self._lock = asyncio.Lock()
@@ -118,6 +120,7 @@ class SnapshotManager:
         store = self.store()
         async with self._lock:
             t0 = time.perf_counter()
+            self._phase(name, "engine")
             try:
                 writer = await asyncio.to_thread(store.begin, name)
             except SnapshotError as e:
@@ -129,7 +132,11 @@ class SnapshotManager:
                     "snapshot_write", str(writer.path), codec, linkable,
                     str(writer.previous.path) if writer.previous else None, background)
                 if res["pending"]:
+                    logger.info("Snapshot %s: engine paused %.2f s for the copy; writing the "
+                                "files while it serves", name, res["seconds"])
+                    self._phase(name, "files", engine_pause_seconds=round(res["seconds"], 3))
                     res["files"].update(await self._background_files())
+                self._phase(name, "commit")
                 t_engine = time.perf_counter()
                 for rel, entry in res["files"].items():
                     writer.add(rel, entry)
@@ -147,6 +154,7 @@ class SnapshotManager:
                 snap = await asyncio.to_thread(writer.commit, res["identity"],
                                                ha_version(), meta)
             except BaseException as e:
+                self.writing = None
                 writer.abort()
                 self.metrics.failures.inc()
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -163,6 +171,7 @@ class SnapshotManager:
                     500, f"snapshot {name!r} failed ({type(e).__name__}: {e}); the "
                     "previous snapshot is unchanged") from None
             total = time.perf_counter() - t0
+            self.writing = None
             self.nvcomp_written |= str(res["codec"]).startswith("nvcomp")
             files = snap.manifest["files"]
             size = sum(e["size"] for e in files.values())
@@ -189,6 +198,11 @@ class SnapshotManager:
                         res["kv_blocks"], res["kv_blocks_written"], total, res["seconds"],
                         snap.path)
             return dict(self.last)
+
+    def _phase(self, name: str, phase: str, **extra: Any) -> None:
+        """``GET /checkpoint`` shows a snapshot being written and where it is."""
+        w = self.writing or {"name": name, "started": time.time()}
+        self.writing = {**w, "phase": phase, **extra}
 
     async def _background_files(self) -> dict[str, Any]:
         """The engine's files of a background write, once on disk (it serves meanwhile)."""
@@ -227,4 +241,7 @@ class SnapshotManager:
     def status(self) -> dict[str, Any]:
         return {"root": str(self.config.root) if self.config.root else None,
                 "interval_s": self.config.interval_s, "last": self.last,
-                "last_error": self.last_error}
+                "last_error": self.last_error,
+                "writing": (dict(self.writing, seconds=round(time.time() -
+                                                             self.writing["started"], 1))
+                            if self.writing else None)}
