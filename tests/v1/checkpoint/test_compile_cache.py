@@ -16,7 +16,7 @@ from vllm.v1.checkpoint.compile_cache import (
     original_model,
     write_cache_files,
 )
-from vllm.v1.checkpoint.snapshot import SnapshotStore
+from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
 
 IDENTITY = {"model": "tiny-llama"}
 HA = "0.26.0+ha1"
@@ -108,3 +108,12 @@ def test_cache_files_round_trip_through_a_snapshot(cache_root, tmp_path, monkeyp
     got.write_bytes(b"local")
     assert install_cache_files(snap.path, names) == {"installed": 0, "kept": 4}
     assert got.read_bytes() == b"local"
+
+
+@pytest.mark.parametrize("rel", ["compile/../../outside", "/etc/x", "plan/sub/startup_plan_1.json",
+                                 "plan/bashrc"])
+def test_install_refuses_names_outside_the_cache(cache_root, tmp_path, rel):
+    (tmp_path / "snap").mkdir()
+    with pytest.raises(SnapshotError):
+        install_cache_files(tmp_path / "snap", [rel])
+    assert not cache_root.exists() or not any(cache_root.rglob("*"))

@@ -36,7 +36,7 @@ def test_a_deferred_file_is_the_same_file(tmp_path):
     index, deferred = write(tmp_path / "deferred.bin", deferred=True)
     assert not (tmp_path / "deferred.bin").exists()  # nothing on disk in the pause
     assert index == direct_index  # the index is complete before the bytes are written
-    bg = BackgroundFiles.flushing([("deferred.bin", deferred)])
+    bg = BackgroundFiles.flushing(str(tmp_path), [("deferred.bin", deferred)])
     entries = bg.result()
     assert bg.done and entries == {"deferred.bin": direct_entry}
     assert (tmp_path / "deferred.bin").read_bytes() == (tmp_path / "direct.bin").read_bytes()
@@ -56,7 +56,7 @@ def test_a_deferred_file_is_the_same_file(tmp_path):
 def test_a_failed_background_write_raises_its_error(tmp_path):
     _, w = write(tmp_path / "gone" / "f.bin", deferred=True)  # its directory is missing
     ok = ChunkFileWriter(tmp_path / "ok.bin", deferred=True)
-    bg = BackgroundFiles.flushing([("ok.bin", ok), ("gone/f.bin", w)])
+    bg = BackgroundFiles.flushing(str(tmp_path), [("ok.bin", ok), ("gone/f.bin", w)])
     with pytest.raises(FileNotFoundError):
         bg.result()
     assert bg.done

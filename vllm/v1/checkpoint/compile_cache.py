@@ -128,9 +128,6 @@ class CacheFiles:
                 out.plans += 1
         return out
 
-    @property
-    def bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files.values())
 
 
 def write_cache_files(writer: Any, cache: CacheFiles) -> dict[str, Any]:
@@ -139,42 +136,60 @@ def write_cache_files(writer: Any, cache: CacheFiles) -> dict[str, Any]:
     from vllm.v1.checkpoint.snapshot import PieceHasher
 
     prev = writer.previous.manifest["files"] if writer.previous else {}
-    written = linked = 0
+    written = linked = size = 0
     for rel, src in cache.files.items():
-        if rel in prev and prev[rel]["size"] == src.stat().st_size:
-            h = PieceHasher()
+        try:
+            if rel in prev and prev[rel]["size"] == src.stat().st_size:
+                h = PieceHasher()
+                with open(src, "rb") as f:
+                    for chunk in iter(lambda f=f: f.read(8 << 20), b""):
+                        h.update(chunk)
+                if h.entry()["sha256"] == prev[rel]["sha256"]:
+                    size += writer.link(rel)["size"]
+                    linked += 1
+                    continue
             with open(src, "rb") as f:
-                for chunk in iter(lambda f=f: f.read(8 << 20), b""):
-                    h.update(chunk)
-            if h.entry()["sha256"] == prev[rel]["sha256"]:
-                writer.link(rel)
-                linked += 1
-                continue
-        with open(src, "rb") as f:
-            writer.write_file(rel, iter(lambda f=f: f.read(8 << 20), b""))
-        written += 1
-    return {"files": len(cache.files), "written": written, "linked": linked,
-            "bytes": cache.bytes, "units": cache.units, "startup_plans": cache.plans}
+                size += writer.write_file(rel, iter(lambda f=f: f.read(8 << 20), b""))["size"]
+            written += 1
+        except FileNotFoundError:
+            # vLLM replaced or removed it meanwhile (its own temp files): not an artifact
+            # this snapshot needs; a half-written one is dropped by the writer's abort.
+            writer.files.pop(rel, None)
+    return {"files": written + linked, "written": written, "linked": linked,
+            "bytes": size, "units": cache.units, "startup_plans": cache.plans}
 
 
 def install_cache_files(snapshot: Path, names: Iterable[str]) -> dict[str, int]:
     """Put a snapshot's compile cache and startup plans where vLLM looks for them.
     A file already there is kept (it is either the same or another engine's)."""
+    from vllm.v1.checkpoint.snapshot import SnapshotError, check_name
+
     root = _cache_root()
     installed = kept = 0
     for rel in names:
+        check_name(rel)  # no absolute paths, no '..'
         if rel.startswith(f"{COMPILE_DIR}/"):
-            dest = root / "torch_compile_cache" / rel[len(COMPILE_DIR) + 1:]
+            base = root / "torch_compile_cache"
+            dest = base / rel[len(COMPILE_DIR) + 1:]
         elif rel.startswith(f"{PLAN_DIR}/"):
-            dest = root / "startup_plan" / rel[len(PLAN_DIR) + 1:]
+            base, name = root / "startup_plan", rel[len(PLAN_DIR) + 1:]
+            if "/" in name or not name.startswith("startup_plan_"):
+                raise SnapshotError(f"{rel!r} is not a startup plan file")
+            dest = base / name
         else:
             continue
+        if not dest.resolve().is_relative_to(base.resolve()):
+            raise SnapshotError(f"{rel!r} would be installed outside {base}")
         if dest.exists():
             kept += 1
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        shutil.copyfile(snapshot / rel, tmp)
-        os.replace(tmp, dest)  # a reader never sees half a file
+        try:
+            shutil.copyfile(snapshot / rel, tmp)
+            os.replace(tmp, dest)  # a reader never sees half a file
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         installed += 1
     return {"installed": installed, "kept": kept}

@@ -211,6 +211,8 @@ class CheckpointManager:
     async def checkpoint(self, opts: CheckpointOptions) -> dict[str, Any]:
         opts.validate()
         self._refuse_unsupported()
+        # A snapshot being written (in the background, while serving) ends first.
+        await self.snapshots.wait_idle()
         driver_release = self._releases_gpu(opts)
         if opts.snapshot is not None:
             self.snapshots.store().check_name(opts.snapshot)  # 400 before any pause

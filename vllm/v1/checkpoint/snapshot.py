@@ -126,7 +126,7 @@ def _piece_ok(path: Path, index: int, want: str) -> bool:
     return h.hexdigest() == want
 
 
-def _check_name(rel: str) -> None:
+def check_name(rel: str) -> None:
     p = Path(rel)
     if rel == MANIFEST or not rel or p.is_absolute() or ".." in p.parts:
         raise SnapshotError(f"snapshot file name {rel!r} is not allowed")
@@ -149,7 +149,7 @@ class SnapshotWriter:
         self.linked_bytes = 0
 
     def target(self, rel: str) -> Path:
-        _check_name(rel)
+        check_name(rel)
         path = self.path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
@@ -159,7 +159,7 @@ class SnapshotWriter:
         return entry
 
     def add(self, rel: str, entry: dict[str, Any]) -> None:
-        _check_name(rel)
+        check_name(rel)
         self.files[rel] = entry
 
     def can_link(self, rel: str) -> bool:

@@ -120,22 +120,31 @@ class SnapshotManager:
         store = self.store()
         async with self._lock:
             t0 = time.perf_counter()
-            self._phase(name, "engine")
             try:
                 writer = await asyncio.to_thread(store.begin, name)
             except SnapshotError as e:
                 raise SnapshotCallError(400, str(e)) from None
+            res: dict[str, Any] | None = None
             try:
+                self._phase(name, "engine")
                 prev = writer.previous.manifest["files"] if writer.previous else {}
                 linkable = {rel: e["sha256"] for rel, e in prev.items()}
                 res = await self.client.engine_core.call_utility_async(
                     "snapshot_write", str(writer.path), codec, linkable,
                     str(writer.previous.path) if writer.previous else None, background)
+                # Now, not at commit: the encoding is done whatever happens to the files
+                # (see manager._NVCOMP_DRIVER).
+                self.nvcomp_written |= str(res["codec"]).startswith("nvcomp")
                 if res["pending"]:
                     logger.info("Snapshot %s: engine paused %.2f s for the copy; writing the "
                                 "files while it serves", name, res["seconds"])
                     self._phase(name, "files", engine_pause_seconds=round(res["seconds"], 3))
-                    res["files"].update(await self._background_files())
+                    done = await self._background_files(str(writer.path))
+                    missing = set(res["pending"]) - set(done)
+                    if missing:
+                        raise SnapshotError(f"the engine's background write of {writer.path} "
+                                            f"did not report {sorted(missing)}")
+                    res["files"].update(done)
                 self._phase(name, "commit")
                 t_engine = time.perf_counter()
                 for rel, entry in res["files"].items():
@@ -145,9 +154,9 @@ class SnapshotManager:
                 model = self.client.vllm_config.model_config.model
                 model_files = await asyncio.to_thread(copy_model_files, writer, model)
                 # Keyed by vLLM's config hash: a restore on a fresh node finds it there.
+                units, plans = res["compile_units"], res["startup_plans"]
                 cache = await asyncio.to_thread(
-                    write_cache_files, writer,
-                    CacheFiles.of(res["compile_units"], res["startup_plans"]))
+                    lambda: write_cache_files(writer, CacheFiles.of(units, plans)))
                 meta = {"engine_args": self._recorded_args(), "model_files": model_files,
                         "kv_blocks": res["kv_blocks"], "codec": res["codec"],
                         "model": original_model(model), "compile_cache": cache}
@@ -155,6 +164,9 @@ class SnapshotManager:
                                                ha_version(), meta)
             except BaseException as e:
                 self.writing = None
+                if res is None and codec not in ("none", "zlib"):
+                    # The engine may have encoded with nvCOMP before it failed.
+                    self.nvcomp_written |= self._on_cuda()
                 writer.abort()
                 self.metrics.failures.inc()
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -172,7 +184,6 @@ class SnapshotManager:
                     "previous snapshot is unchanged") from None
             total = time.perf_counter() - t0
             self.writing = None
-            self.nvcomp_written |= str(res["codec"]).startswith("nvcomp")
             files = snap.manifest["files"]
             size = sum(e["size"] for e in files.values())
             self.last = {
@@ -182,7 +193,7 @@ class SnapshotManager:
                 "kv_blocks_written": res["kv_blocks_written"],
                 "codec": res["codec"], "seconds": round(total, 3),
                 "engine_pause_seconds": round(res["seconds"], 3),
-                "written_in_background": res["pending"],
+                "written_in_background": bool(res["pending"]),
                 "compile_cache": {k: cache[k] for k in ("files", "bytes", "startup_plans")},
                 "commit_seconds": round(time.perf_counter() - t_engine, 3),
             }
@@ -204,10 +215,21 @@ class SnapshotManager:
         w = self.writing or {"name": name, "started": time.time()}
         self.writing = {**w, "phase": phase, **extra}
 
-    async def _background_files(self) -> dict[str, Any]:
+    def _on_cuda(self) -> bool:
+        return self.client.vllm_config.device_config.device_type == "cuda"
+
+    async def wait_idle(self) -> None:
+        """Until no snapshot is being written (a checkpoint must not start under one:
+        its offload frees what a background write may read, and the write's host
+        copies count against the checkpoint's host memory)."""
+        async with self._lock:
+            pass
+
+    async def _background_files(self, gen_dir: str) -> dict[str, Any]:
         """The engine's files of a background write, once on disk (it serves meanwhile)."""
         while True:
-            done = await self.client.engine_core.call_utility_async("snapshot_write_finish")
+            done = await self.client.engine_core.call_utility_async(
+                "snapshot_write_finish", gen_dir)
             if done is not None:
                 return done["files"]
             await asyncio.sleep(BACKGROUND_POLL_S)

@@ -35,6 +35,7 @@ from vllm.v1.worker.checkpoint_worker import (
 )
 from vllm.v1.worker.snapshot_worker import (
     kv_segment_files,
+    rpc_snapshot_done,
     rpc_snapshot_finish,
     rpc_snapshot_load_kv,
     rpc_snapshot_wait,
@@ -135,19 +136,21 @@ class EngineCoreCheckpointMixin:
                 "startup_plans": [w["cache"]["startup_plan"] for w in workers
                                   if w["cache"]["startup_plan"]],
                 "kv_blocks_written": len(plan.write_ids),
-                "pending": any(w["pending"] for w in workers),
+                "pending": sorted(rel for w in workers for rel in w["pending"]),
                 "codec": workers[0]["codec"],
                 "identity": identity(self.vllm_config),  # type: ignore[attr-defined]
                 "seconds": time.perf_counter() - t0,
                 "workers": [w["seconds"] for w in workers]}
 
-    def snapshot_write_finish(self) -> dict[str, Any] | None:
-        """The files of a background snapshot write, once every worker's are on disk
-        (None until then); raises if a worker's write failed."""
-        results = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
-            rpc_snapshot_finish)
-        if any(r is None for r in results):
+    def snapshot_write_finish(self, gen_dir: str) -> dict[str, Any] | None:
+        """The files of the background write of ``gen_dir``, once every worker's are
+        on disk (None until then, nothing collected); raises if a worker's write
+        failed or a worker has no such write (this engine is not the one that
+        started it)."""
+        executor = self.model_executor  # type: ignore[attr-defined]
+        if not all(executor.collective_rpc(rpc_snapshot_done, args=(gen_dir,))):
             return None
+        results = executor.collective_rpc(rpc_snapshot_finish, args=(gen_dir,))
         files: dict[str, Any] = {}
         for r in results:
             files.update(r)

@@ -372,7 +372,7 @@ class MirrorSupervisor:
         # Debug calls (verify, lookup) in progress on the standby's busy loop: its
         # status waits behind them, which is not a stuck standby.
         self._standby_debug_calls = 0
-        self._last: dict[str, int] = {}
+        self._last: dict[str, float] = {}
         self._poll_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="MirrorSupervisor",
                                         daemon=True)

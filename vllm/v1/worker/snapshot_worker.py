@@ -88,7 +88,11 @@ class ChunkFileWriter:
         return {"at": at, "len": n}
 
     def _write(self, t: torch.Tensor) -> None:
-        data = t.numpy().tobytes() if t.numel() else b""
+        if not t.numel():
+            return
+        # A view, not a copy: the write and the hash release the GIL the engine's
+        # loop needs while a background write runs beside it.
+        data = memoryview(t.numpy())
         self._f.write(data)
         self._hasher.update(data)
 
@@ -116,8 +120,9 @@ class ChunkFileWriter:
         """A deferred file: write the kept chunks (freeing each), fsync; its entry."""
         self._f = open(self.path, "wb")
         parts, self._parts = self._parts or [], None
+        parts.reverse()
         while parts:
-            self._write(parts.pop(0))
+            self._write(parts.pop())  # each part freed once on disk
         return self.close()
 
 
@@ -125,7 +130,10 @@ class BackgroundFiles:
     """Writes files on a thread (``job`` returns their manifest entries); :meth:`result`
     is the entries once all are on disk, or raises what went wrong (a full disk, say)."""
 
-    def __init__(self, job: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, gen_dir: str, names: list[str],
+                 job: Callable[[], dict[str, Any]]) -> None:
+        self.gen_dir = gen_dir
+        self.names = names  # the files it owes the manifest
         self._job: Callable[[], dict[str, Any]] | None = job
         self._entries: dict[str, Any] = {}
         self._error: BaseException | None = None
@@ -133,9 +141,11 @@ class BackgroundFiles:
         self._thread.start()
 
     @classmethod
-    def flushing(cls, writers: list[tuple[str, ChunkFileWriter]]) -> BackgroundFiles:
+    def flushing(cls, gen_dir: str, writers: list[tuple[str, ChunkFileWriter]]
+                 ) -> BackgroundFiles:
         """The deferred files ``writers`` (their chunks already encoded)."""
-        return cls(lambda: {rel: w.flush() for rel, w in writers})
+        return cls(gen_dir, [rel for rel, _ in writers],
+                   lambda: {rel: w.flush() for rel, w in writers})
 
     def _run(self) -> None:
         try:
@@ -155,6 +165,9 @@ class BackgroundFiles:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        missing = set(self.names) - set(self._entries)
+        if missing:
+            raise SnapshotError(f"the background write left out {sorted(missing)}")
         return self._entries
 
 
@@ -234,6 +247,8 @@ class WorkerSnapshot(WorkerPart):
                             for t in unique_tensors(self._kv_caches())) // self._num_blocks()
             need += num_blocks * per_block
         free = psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+        # Every rank of the engine makes its copies at once, on this host.
+        free //= max(1, int(getattr(self.worker.parallel_config, "world_size", 1) or 1))
         if need > free:
             logger.warning("Snapshot: %.2f GiB of copies do not fit in host memory (%.2f "
                            "GiB free beside the reserve): written inside the engine's "
@@ -272,17 +287,9 @@ class WorkerSnapshot(WorkerPart):
         if not write_weights:
             linked = [w_bin, w_idx]
         if deferred and self.device.type == "cpu":
-            # The host is the device: the pause copies the KV rows (they may change once
-            # the engine steps again) and the encoding runs on the thread too; weights
-            # do not change while serving and are read there as they are.
-            rows = self._kv_rows(block_ids, copy=True)
-            t_weights = time.perf_counter()
-            self._background = BackgroundFiles(lambda: {
-                **(self._write_weights(gen, w_bin, w_idx, codec, pin) if write_weights
-                   else {}),
-                **(self._write_kv(gen, kv_segment, len(block_ids), rows, codec, pin)
-                   if block_ids else {})})
-            return self._write_result(files, linked, codec, True, t0, t_weights)
+            self._background = self._cpu_background(gen, kv_segment, block_ids, codec,
+                                                    write_weights)
+            return self._write_result(files, linked, codec, self._background.names, t0, t0)
         writers: list[tuple[str, ChunkFileWriter]] = []
         if write_weights:
             files.update(self._write_weights(gen, w_bin, w_idx, codec, pin, deferred, writers))
@@ -297,13 +304,39 @@ class WorkerSnapshot(WorkerPart):
             gc.collect()
             torch.cuda.empty_cache()
         if writers:
-            self._background = BackgroundFiles.flushing(writers)
+            self._background = BackgroundFiles.flushing(gen_dir, writers)
         elif write_weights:
             self.weights_written = files[w_bin]["sha256"]
-        return self._write_result(files, linked, codec, bool(writers), t0, t_weights)
+        return self._write_result(files, linked, codec, [rel for rel, _ in writers], t0,
+                                  t_weights)
+
+    def _cpu_background(self, gen: Path, kv_segment: str, block_ids: list[int],
+                        codec: ByteplaneCodec | None, write_weights: bool
+                        ) -> BackgroundFiles:
+        """The CPU build's background write: the host is the device, so the pause copies
+        the KV rows (they may change once the engine steps again) and the thread does
+        the encoding too. Weights do not change while serving (a checkpoint's offload
+        waits for this thread) and are read there as they are."""
+        rows = self._kv_rows(block_ids, copy=True)
+        names: list[str] = []
+        if write_weights:
+            names += self._weights_files()
+        if block_ids:
+            names += kv_segment_files(kv_segment, self.rank)
+
+        def job() -> dict[str, Any]:
+            files: dict[str, Any] = {}
+            if write_weights:
+                files.update(self._write_weights(gen, *self._weights_files(), codec, False))
+            if block_ids:
+                files.update(self._write_kv(gen, kv_segment, len(block_ids), rows, codec,
+                                            False))
+            return files
+
+        return BackgroundFiles(str(gen), names, job)
 
     def _write_result(self, files: dict[str, Any], linked: list[str],
-                      codec: ByteplaneCodec | None, pending: bool, t0: float,
+                      codec: ByteplaneCodec | None, pending: list[str], t0: float,
                       t_weights: float) -> dict[str, Any]:
         return {"files": files, "link": linked, "rank": self.rank, "pending": pending,
                 "codec": codec.codec.name if codec else "none",
@@ -334,14 +367,22 @@ class WorkerSnapshot(WorkerPart):
         if self._background is not None:
             self._background.wait()
 
-    def finish(self) -> dict[str, Any] | None:
-        """The entries of the files a background write put on disk ({} if none ran);
-        None while it runs. Raises what failed it (the generation is then abandoned)."""
+    def _background_of(self, gen_dir: str) -> BackgroundFiles:
         bg = self._background
-        if bg is None:
-            return {}
-        if not bg.done:
-            return None
+        if bg is None or bg.gen_dir != gen_dir:
+            # Another process (a promoted standby) or a write already collected: the
+            # caller must not take "nothing" for "everything written".
+            raise SnapshotError(f"rank {self.rank} has no background write of {gen_dir}")
+        return bg
+
+    def done(self, gen_dir: str) -> bool:
+        """Whether the background write of ``gen_dir`` is over (nothing collected)."""
+        return self._background_of(gen_dir).done
+
+    def finish(self, gen_dir: str) -> dict[str, Any]:
+        """The entries of the files the background write of ``gen_dir`` put on disk
+        (waits for it). Raises what failed it (the generation is then abandoned)."""
+        bg = self._background_of(gen_dir)
         self._background = None
         files = bg.result()
         w_bin, _ = self._weights_files()
@@ -531,8 +572,12 @@ def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: s
                                            background)
 
 
-def rpc_snapshot_finish(worker: Any) -> dict[str, Any] | None:
-    return WorkerSnapshot.of(worker).finish()
+def rpc_snapshot_done(worker: Any, gen_dir: str) -> bool:
+    return WorkerSnapshot.of(worker).done(gen_dir)
+
+
+def rpc_snapshot_finish(worker: Any, gen_dir: str) -> dict[str, Any]:
+    return WorkerSnapshot.of(worker).finish(gen_dir)
 
 
 def rpc_snapshot_wait(worker: Any) -> None:

@@ -133,7 +133,13 @@ def _use_cache_files(snap: Any, model: str, meta: dict[str, Any]) -> None:
                     "compiles)", snap.path)
         return
     t0 = time.perf_counter()
-    res = install_cache_files(snap.path, names)
+    try:
+        res = install_cache_files(snap.path, names)
+    except (OSError, SnapshotError) as e:
+        # An optimisation only: the engine compiles as on a cold start.
+        logger.warning("Restore from %s: the compile cache was not installed (%s); the "
+                       "engine compiles", snap.path, e)
+        return
     plans = any(rel.startswith(f"{PLAN_DIR}/") for rel in names)
     if plans:
         # Upstream's opt-in; the plan is applied only if the GPU has as much free
