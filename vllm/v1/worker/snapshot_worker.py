@@ -266,7 +266,11 @@ class WorkerSnapshot(WorkerPart):
         segment is written). ``background``: return once the bytes are copied to host
         memory, and write the files on a thread (``pending`` in the result; their
         entries come from :meth:`finish`), if the copies fit in host memory."""
-        if self._background is not None:  # a write nobody collected: never two at once
+        if self._background is not None:  # a write nobody collected (its call was cut)
+            if not self._background.done:
+                # Never two at once, and never wait for one inside the engine's pause.
+                raise SnapshotError("the files of an earlier snapshot are still being "
+                                    "written; retry when it is done")
             try:
                 self._background.result()
             except Exception as e:
