@@ -110,7 +110,10 @@ class CacheFiles:
 
     files: dict[str, Path] = field(default_factory=dict)
     units: list[str] = field(default_factory=list)
-    plans: int = 0
+
+    @property
+    def plans(self) -> int:
+        return sum(rel.startswith(f"{PLAN_DIR}/") for rel in self.files)
 
     @classmethod
     def of(cls, units: Iterable[str], plans: Iterable[str | None]) -> CacheFiles:
@@ -125,31 +128,24 @@ class CacheFiles:
         for plan in plans:
             if plan:
                 out.files[f"{PLAN_DIR}/{Path(plan).name}"] = Path(plan)
-                out.plans += 1
         return out
-
-
 
 def write_cache_files(writer: Any, cache: CacheFiles) -> dict[str, Any]:
     """Into the generation ``writer`` builds: a file the previous generation holds
     with the same bytes is linked, the others written."""
-    from vllm.v1.checkpoint.snapshot import PieceHasher
+    from vllm.v1.checkpoint.snapshot import file_chunks, file_entry
 
     prev = writer.previous.manifest["files"] if writer.previous else {}
     written = linked = size = 0
     for rel, src in cache.files.items():
         try:
-            if rel in prev and prev[rel]["size"] == src.stat().st_size:
-                h = PieceHasher()
-                with open(src, "rb") as f:
-                    for chunk in iter(lambda f=f: f.read(8 << 20), b""):
-                        h.update(chunk)
-                if h.entry()["sha256"] == prev[rel]["sha256"]:
-                    size += writer.link(rel)["size"]
-                    linked += 1
-                    continue
+            if rel in prev and prev[rel]["size"] == src.stat().st_size \
+                    and file_entry(src)["sha256"] == prev[rel]["sha256"]:
+                size += writer.link(rel)["size"]
+                linked += 1
+                continue
             with open(src, "rb") as f:
-                size += writer.write_file(rel, iter(lambda f=f: f.read(8 << 20), b""))["size"]
+                size += writer.write_file(rel, file_chunks(f))["size"]
             written += 1
         except FileNotFoundError:
             # vLLM replaced or removed it meanwhile (its own temp files): not an artifact

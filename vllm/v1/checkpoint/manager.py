@@ -31,7 +31,7 @@ from vllm.v1.checkpoint.driver import (
     device_used_mib,
     gpu_memory_mib,
 )
-from vllm.v1.checkpoint.snapshot_manager import SnapshotConfig, SnapshotManager
+from vllm.v1.checkpoint.snapshot_manager import SnapshotConfig, SnapshotManager, on_cuda
 from vllm.v1.checkpoint.state import CheckpointLifecycle, CheckpointState
 from vllm.v1.worker.checkpoint_worker import CODECS
 
@@ -163,10 +163,7 @@ class CheckpointManager:
                     "use release_gpu=false to offload without releasing the GPU") from None
         return self._driver
 
-    @staticmethod
-    def _on_cuda() -> bool:
-        from vllm.platforms import current_platform
-        return current_platform.is_cuda()
+    _on_cuda = staticmethod(on_cuda)
 
     def _phase(self, name: str, start: float) -> float:
         now = time.perf_counter()

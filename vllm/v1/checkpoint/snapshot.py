@@ -24,11 +24,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FORMAT = "vllm-ha-snapshot"
 FORMAT_VERSION = 2  # 2: KV in segments (kv/blocks.json 'segments')
@@ -98,6 +98,20 @@ class PieceHasher:
         if self._in_piece or not pieces:
             pieces.append(self._h.hexdigest())
         return {"size": self.size, "sha256": pieces}
+
+
+def file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    """An open file's bytes, 8 MiB at a time (what write_file takes as content)."""
+    return iter(lambda: f.read(8 << 20), b"")
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """The manifest entry (size, piece checksums) of a file already on disk."""
+    hasher = PieceHasher()
+    with open(path, "rb") as f:
+        for chunk in file_chunks(f):
+            hasher.update(chunk)
+    return hasher.entry()
 
 
 def write_file(path: Path, content: bytes | Iterable[bytes]) -> dict[str, Any]:

@@ -49,6 +49,13 @@ _DISK_FULL = ("No space left", "File too large", "Disk quota exceeded")
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
+def on_cuda() -> bool:
+    """This server's engines run on CUDA (nvCOMP and the driver checkpoint apply)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
 class SnapshotCallError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -166,7 +173,7 @@ class SnapshotManager:
                 self.writing = None
                 if res is None and codec not in ("none", "zlib"):
                     # The engine may have encoded with nvCOMP before it failed.
-                    self.nvcomp_written |= self._on_cuda()
+                    self.nvcomp_written |= on_cuda()
                 writer.abort()
                 self.metrics.failures.inc()
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -214,9 +221,6 @@ class SnapshotManager:
         """``GET /checkpoint`` shows a snapshot being written and where it is."""
         w = self.writing or {"name": name, "started": time.time()}
         self.writing = {**w, "phase": phase, **extra}
-
-    def _on_cuda(self) -> bool:
-        return self.client.vllm_config.device_config.device_type == "cuda"
 
     async def wait_idle(self) -> None:
         """Until no snapshot is being written (a checkpoint must not start under one:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore, write_file
+from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore, file_chunks, write_file
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -133,7 +133,7 @@ def copy_model_files(writer: Any, model: str) -> list[str]:
                 and f.stat().st_size <= _MAX_MODEL_FILE):
             rel = f"model/{f.name}"
             with open(f, "rb") as fh:
-                writer.write_file(rel, iter(lambda fh=fh: fh.read(8 << 20), b""))
+                writer.write_file(rel, file_chunks(fh))
             copied.append(f.name)
     return copied
 
