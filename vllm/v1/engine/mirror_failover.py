@@ -10,10 +10,11 @@ configured (patch 0009). Upstream detects the primary's death within millisecond
 1. takes the standby's engine client from the supervisor (only a standby that is
    connected and mirroring: it holds the primary's KV up to the steps in flight);
 2. promotes it (``mirror_promote``: unconfirmed steps dropped, their blocks held back);
-3. resubmits every in-flight request as prompt + the tokens its client has been given
-   (:func:`~vllm.v1.engine.failover.resume_request`), under the same id: the API
-   server's per-request state (detokenizer, logprobs, ``n > 1`` parent) continues as
-   is, and the mirrored blocks are prefix-cache hits, so only the tail is recomputed;
+3. resubmits every in-flight request with the tokens its client has been given as
+   its output (:func:`~vllm.v1.engine.failover.resume_request`), under the same id:
+   the API server's per-request state (detokenizer, logprobs, ``n > 1`` parent)
+   continues as is, and the mirrored blocks are prefix-cache hits, so only the tail
+   is recomputed;
 4. reads outputs from the new engine. The output handler, which captured this
    wrapper, never notices.
 
@@ -22,7 +23,7 @@ so when ``get_output_async`` raises, every token a client has seen is in its req
 detokenizer, and nothing after that exists anywhere but in the dead engine. Tokens
 the dead engine produced but nobody read are regenerated.
 
-Requests that cannot continue exactly (structured output, multimodal, ...) get an
+Requests that cannot continue exactly (multimodal, prompt embeddings, ...) get an
 error naming the reason; everything else keeps streaming. Requests that arrive
 during the switch wait for it. With no standby to fail over to, the error propagates
 as upstream's (engine death stays fatal).
@@ -59,10 +60,12 @@ class FailoverEngineCoreClient:
     """``AsyncLLM.engine_core`` with failover; everything not overridden goes to the
     current engine's client."""
 
-    def __init__(self, client: Any, output_processor: Any, renderer: Any = None) -> None:
+    def __init__(self, client: Any, output_processor: Any, renderer: Any = None, *,
+                 reasoning_gates_grammar: bool = False) -> None:
         self._client = client
         self.output_processor = output_processor
         self.renderer = renderer
+        self.reasoning_gates_grammar = reasoning_gates_grammar
         self.supervisor: MirrorSupervisor | None = None
         # Every request sent and not finished, as the client sent it: what failover
         # resubmits (always rebuilt from the original, however many switches).
@@ -267,7 +270,8 @@ class FailoverEngineCoreClient:
                          if state.detokenizer is not None else [])
             try:
                 new = resume_request(request, generated,
-                                     prompt_logprobs_sent=not state.is_prefilling)
+                                     prompt_logprobs_sent=not state.is_prefilling,
+                                     reasoning_gates_grammar=self.reasoning_gates_grammar)
             except ResumeRefused as e:
                 refused += 1
                 self._retained.pop(rid, None)
@@ -280,7 +284,7 @@ class FailoverEngineCoreClient:
                 self._finish_as_length(rid)
                 continue
             if generated:
-                self._resumed_tokens[rid] = len(new.prompt_token_ids or ())
+                self._resumed_tokens[rid] = len(new.prompt_token_ids or ()) + len(generated)
             await self._client.add_request_async(new)
             resumed += 1
         return resumed, refused
