@@ -191,6 +191,10 @@ def test_kill_primary_during_decode_streams_continue_exactly(server):
     assert last["recomputed_tokens_max"] <= BLOCK * (1 + held), last
     assert last["recomputed_tokens"] <= BLOCK * (STREAMS + held), last
     assert st["primary"]["pid"] != old_pid
+    # Seen as the kernel began the exit (the exit watch), not once it had torn the
+    # process down (upstream's sentinel).
+    assert f"the primary engine process (pid {old_pid}) is exiting" in \
+        server.log_path.read_text(errors="replace")
     assert metric(server, "vllm:mirror_failovers_total") == 1
     assert metric(server, "vllm:mirror_failover_resumed_requests_total") == \
         last["requests_resumed"]

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from vllm.ha.envs import failover_discard_kv
+from vllm.ha.envs import engine_exit_poll_s, failover_discard_kv
+from vllm.v1.engine.exit_watch import EngineExitWatch
 from vllm.v1.engine.failover import RequestLostInFailover, ResumeRefused, resume_request
 
 if TYPE_CHECKING:
@@ -76,6 +77,33 @@ class FailoverEngineCoreClient:
         self._switching = False
         self._gave_up = False  # no standby when the primary died: upstream behaviour
         self._last_output_at = time.monotonic()
+        self._exit_watch: EngineExitWatch | None = None
+
+    def start_exit_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail over as soon as the primary's process begins to exit (exit_watch.py),
+        not once the kernel has torn it down (upstream's sentinel, ~0.1 s later)."""
+        poll_s = engine_exit_poll_s()
+        if poll_s <= 0:
+            return
+        self._exit_watch = EngineExitWatch(
+            lambda pid: loop.call_soon_threadsafe(self._primary_exiting, pid), poll_s)
+        self._exit_watch.watch(_engine_pids(self._client))
+
+    def _primary_exiting(self, pid: int) -> None:
+        client = self._client
+        res = client.resources
+        manager = res.engine_manager
+        if (pid not in _engine_pids(client) or res.engine_dead or self._switching
+                or self._gave_up or getattr(manager, "manager_stopped", None) is None
+                or manager.manager_stopped.is_set() or not self._can_fail_over()):
+            # Shutting down, already handled, or nothing to fail over to: upstream's
+            # sentinel decides, as without a mirror.
+            return
+        logger.warning("mirror: the primary engine process (pid %d) is exiting", pid)
+        res.engine_dead = True
+        # Behind the outputs already received: the output handler processes those,
+        # then get_output_async raises and fails over (the only path that switches).
+        client.outputs_queue.put_nowait(EngineDeadError())
 
     # -- attributes AsyncLLM reads ----------------------------------------------------
 
@@ -124,6 +152,8 @@ class FailoverEngineCoreClient:
         return sup is not None and sup.can_fail_over()
 
     def shutdown(self, timeout: float | None = None) -> None:
+        if self._exit_watch is not None:
+            self._exit_watch.stop()
         self._client.shutdown(timeout=timeout)
 
     # -- requests ---------------------------------------------------------------------
@@ -242,8 +272,10 @@ class FailoverEngineCoreClient:
         logger.warning("mirror: failover done in %.0f ms: %d request(s) resumed, %d "
                        "refused; serving unprotected until a new standby is in sync",
                        seconds * 1e3, resumed, refused)
+        if self._exit_watch is not None:
+            self._exit_watch.watch(_engine_pids(standby))
         # The dead client's monitor may not have cleaned up (an engine that sent its
-        # dead signal): do it off the loop.
+        # dead signal, or one seen exiting here): do it off the loop.
         threading.Thread(target=dead.shutdown, daemon=True).start()
         if sup is not None:
             sup.on_promoted(promoted, seconds=seconds, resumed=resumed, refused=refused)
@@ -304,6 +336,11 @@ class FailoverEngineCoreClient:
         self.output_processor.process_outputs(
             [EngineCoreOutput(request_id=rid, new_token_ids=[],
                               finish_reason=FinishReason.LENGTH)], time.monotonic(), None)
+
+
+def _engine_pids(client: Any) -> list[int]:
+    manager = getattr(client.resources, "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
 
 
 def _fail_pending_utility_calls(client: Any) -> None:

@@ -443,6 +443,7 @@ class MirrorSupervisor:
         client.supervisor = supervisor
         supervisor.failover = client
         supervisor._thread.start()
+        client.start_exit_watch(loop)
         return client, supervisor
 
     # -- calls into the primary engine ---------------------------------------------------
