@@ -167,8 +167,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--log-dir", default=".")
     ap.add_argument("--modes", nargs="+", default=["mirrored", "baseline"],
-                    choices=["mirrored", "baseline"],
-                    help="run one mode per call where a call's time is limited")
+                    choices=["mirrored", "baseline", "sentinel"],
+                    help="sentinel: mirrored, the death seen by upstream's process "
+                         "sentinel only (VLLM_HA_ENGINE_EXIT_POLL_MS=0) instead of the "
+                         "exit watch; run one mode per call where a call's time is limited")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
@@ -177,13 +179,20 @@ def main() -> None:
         "host": platform.node(), "python": platform.python_version(),
         "command": " ".join(shlex.quote(x) for x in sys.argv),
     }
-    modes = {"mirrored": env, "baseline": {**env, "VLLM_HA_FAILOVER_DISCARD_KV": "1"}}
+    modes = {"mirrored": env, "baseline": {**env, "VLLM_HA_FAILOVER_DISCARD_KV": "1"},
+             "sentinel": {**env, "VLLM_HA_ENGINE_EXIT_POLL_MS": "0"}}
     for mode in a.modes:
         result[mode] = run(mode, a, modes[mode])
         if a.out:  # kept if a later mode does not finish
             with open(a.out + ".partial", "w") as f:
                 json.dump(result, f, indent=1)
-    if not {"mirrored", "baseline"} <= result.keys():  # one mode: no ratio
+    if {"mirrored", "sentinel"} <= result.keys():
+        print("\nstreams | death seen exit watch / sentinel | next token p99 exit watch / "
+              "sentinel")
+        for m, b in zip(result["mirrored"]["runs"], result["sentinel"]["runs"]):
+            print(f"{m['streams']:7d} | {m['death_seen_s']} / {b['death_seen_s']} s | "
+                  f"{m['next_token_s_p99']} / {b['next_token_s_p99']} s")
+    if not {"mirrored", "baseline"} <= result.keys():  # no ratio
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -45,3 +45,11 @@ def restored_model() -> tuple[str, str] | None:
         return None
     path, original = json.loads(raw)
     return str(path), str(original)
+
+
+def engine_exit_poll_s() -> float:
+    """``VLLM_HA_ENGINE_EXIT_POLL_MS`` (default 1): how often failover looks at the
+    primary engine process for the start of its exit (``vllm/v1/engine/exit_watch.py``);
+    0 leaves detection to upstream's process sentinel, which fires only once the kernel
+    has torn the process down (~0.1 s for an engine's memory)."""
+    return max(0.0, float(os.environ.get("VLLM_HA_ENGINE_EXIT_POLL_MS", "1"))) / 1e3

@@ -1,18 +1,43 @@
 """Run in a subprocess by test_failover.py: one real engine (CPU, tiny model) generates
-a greedy reference, then continues the same request from several points as the
-failover would (prompt + generated so far). Prints JSON."""
+a greedy reference per kind of request, then continues the same request from several
+points as the failover would (the original request + the tokens generated so far,
+adopted as its output by the engine). Prints JSON."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+import msgspec
 from vllm.inputs import TokensPrompt
+from vllm.sampling_params import StructuredOutputsParams
 
 from vllm import LLM, SamplingParams
 from vllm.v1.engine.failover import resume_request
 
 BLOCK = 16
+MAX_TOKENS = 40
+
+# Each kind counts output tokens in its own way: if the resumed request lost its
+# output, these would diverge from the reference.
+KINDS = {
+    "greedy": dict(min_tokens=30, ignore_eos=True),
+    "penalties": dict(presence_penalty=2.0, frequency_penalty=2.0, ignore_eos=True),
+    "structured": dict(structured_outputs=StructuredOutputsParams(
+        regex="(ab){5}(bba){5}(ab){10}")),
+}
+
+
+def run_to_end(engine, request, request_id: str) -> tuple[list[int], int | None]:
+    # A copy: the engine renames what it is given (external_req_id).
+    request = msgspec.structs.replace(request, request_id=request_id)
+    engine.add_request(request_id, request, request.sampling_params)
+    tokens, cached = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens = list(out.outputs[0].token_ids)
+            cached = out.num_cached_tokens
+    return tokens, cached
 
 
 def main(model: str) -> None:
@@ -20,29 +45,24 @@ def main(model: str) -> None:
               block_size=BLOCK, enable_prefix_caching=True, seed=0)
     engine = llm.llm_engine
     prompt = [(i * 37 + 11) % 1500 + 10 for i in range(70)]
-    params = SamplingParams(max_tokens=40, min_tokens=30, temperature=0, ignore_eos=True)
-    ref = list(llm.generate(TokensPrompt(prompt_token_ids=prompt), params)[0]
-               .outputs[0].token_ids)
-    original = engine.input_processor.process_inputs(
-        "orig", TokensPrompt(prompt_token_ids=prompt), params,
-        supported_tasks=engine.get_supported_tasks())
-    runs = {}
-    for k in (0, 17, 39):
-        resumed = resume_request(original, ref[:k], prompt_logprobs_sent=k > 0)
-        import msgspec
-        resumed = msgspec.structs.replace(resumed, request_id=f"resume-{k}")
-        engine.add_request(resumed.request_id, resumed, resumed.sampling_params)
-        tokens, cached = [], None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                tokens = list(out.outputs[0].token_ids)
-                cached = out.num_cached_tokens
-        runs[k] = {"tokens": tokens, "cached": cached, "prompt_len": len(prompt) + k,
-                   "max_tokens": resumed.sampling_params.max_tokens,
-                   "min_tokens": resumed.sampling_params.min_tokens}
-    done = resume_request(original, ref, prompt_logprobs_sent=True)
-    print("RESULT " + json.dumps({"ref": ref, "runs": runs, "done": done is None,
-                                  "original_prompt_len": len(original.prompt_token_ids)}))
+    result = {}
+    for kind, extra in KINDS.items():
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, **extra)
+        original = engine.input_processor.process_inputs(
+            f"orig-{kind}", TokensPrompt(prompt_token_ids=prompt), params,
+            supported_tasks=engine.get_supported_tasks())
+        ref, _ = run_to_end(engine, original, f"ref-{kind}")
+        runs = {}
+        for k in (0, len(ref) // 2, len(ref) - 1):
+            resumed = resume_request(original, ref[:k], prompt_logprobs_sent=k > 0)
+            tokens, cached = run_to_end(engine, resumed, f"resume-{kind}-{k}")
+            runs[k] = {"tokens": tokens, "cached": cached, "tokens_before": len(prompt) + k,
+                       "max_tokens": resumed.sampling_params.max_tokens,
+                       "prompt_len": len(resumed.prompt_token_ids)}
+        result[kind] = {"ref": ref, "runs": runs,
+                        "done": resume_request(original, ref + [0] * (MAX_TOKENS - len(ref)),
+                                               prompt_logprobs_sent=True) is None}
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -48,10 +48,11 @@ def server(tiny_model, tmp_path_factory):
         yield s
 
 
-def greedy(server: RemoteServer, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+def greedy(server: RemoteServer, prompt: str, max_tokens: int = MAX_TOKENS,
+           **params) -> list[int]:
     r = server.post("/v1/completions", {"model": "tiny", "prompt": prompt, "temperature": 0,
                                         "max_tokens": max_tokens, "ignore_eos": True,
-                                        "return_token_ids": True}, timeout=300)
+                                        "return_token_ids": True, **params}, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
 
@@ -190,6 +191,10 @@ def test_kill_primary_during_decode_streams_continue_exactly(server):
     assert last["recomputed_tokens_max"] <= BLOCK * (1 + held), last
     assert last["recomputed_tokens"] <= BLOCK * (STREAMS + held), last
     assert st["primary"]["pid"] != old_pid
+    # Seen as the kernel began the exit (the exit watch), not once it had torn the
+    # process down (upstream's sentinel).
+    assert f"the primary engine process (pid {old_pid}) is exiting" in \
+        server.log_path.read_text(errors="replace")
     assert metric(server, "vllm:mirror_failovers_total") == 1
     assert metric(server, "vllm:mirror_failover_resumed_requests_total") == \
         last["requests_resumed"]
@@ -301,12 +306,20 @@ def test_a_hung_primary_is_killed_after_the_step_timeout_and_fails_over(server):
     assert STEP_TIMEOUT - 0.5 <= waited < STEP_TIMEOUT + 10, waited
 
 
+# Penalties and a grammar count the output before the switch: resent as prompt, both
+# diverge (tests/v1/engine/test_failover.py shows it on a real engine).
+PENALTIES = {"presence_penalty": 2.0, "frequency_penalty": 2.0}
+# No end before MAX_TOKENS, and which group comes next depends on the whole output.
+STRUCTURED = {"structured_outputs": {"regex": "((ab){5}(bba){5}){200}"}}
+
+
 def test_each_kind_of_request_in_flight_at_failover(server):
     """n > 1, stop strings, logprobs, seeded sampling, usage of a non-streamed request,
-    and a request that cannot continue exactly (presence penalty): docs/kv-mirroring.md
-    says what each does; here it is held to that."""
-    p_n, p_stop, p_lp, p_seed, p_usage, p_pen = (f"{k} " + text(600 + k, 12 + 3 * k)
-                                                  for k in range(6))
+    presence/frequency penalties, structured output, and a request that cannot
+    continue exactly (bound to a KV transfer peer): docs/kv-mirroring.md says what
+    each does; here it is held to that."""
+    p_n, p_stop, p_lp, p_seed, p_usage, p_pen, p_so, p_kv = (
+        f"{k} " + text(600 + k, 12 + 3 * k) for k in range(8))
     r = server.post("/v1/completions", {"model": "tiny", "prompt": p_stop, "temperature": 0,
                                         "max_tokens": MAX_TOKENS, "ignore_eos": True})
     ref_stop_text = r.json()["choices"][0]["text"]
@@ -317,13 +330,17 @@ def test_each_kind_of_request_in_flight_at_failover(server):
     expected_stop_text = ref_stop_text[:ref_stop_text.find(stop)]
     ref_lp = greedy(server, p_lp)
     ref_usage = greedy(server, p_usage)
-    reset_prefix_cache(server, [p_n, p_stop, p_lp, p_seed, p_usage, p_pen])
+    ref_pen = greedy(server, p_pen, **PENALTIES)
+    ref_so = greedy(server, p_so, **STRUCTURED)
+    assert len(ref_so) == MAX_TOKENS and len(set(ref_pen)) > len(ref_pen) // 2
+    reset_prefix_cache(server, [p_n, p_stop, p_lp, p_seed, p_usage, p_pen, p_so, p_kv])
     failovers = server.get("/mirror").json()["failovers"]
 
     streams = [Stream(server, p_n, n=2, temperature=0.8, seed=7), Stream(server, p_stop, stop=[stop]),
                Stream(server, p_lp, logprobs=2), Stream(server, p_seed, temperature=1.0,
                                                         seed=1234),
-               Stream(server, p_pen, presence_penalty=0.5)]
+               Stream(server, p_pen, **PENALTIES), Stream(server, p_so, **STRUCTURED),
+               Stream(server, p_kv, kv_transfer_params={"remote_engine_id": "gone"})]
     usage: dict = {}
 
     def non_streamed() -> None:
@@ -335,7 +352,7 @@ def test_each_kind_of_request_in_flight_at_failover(server):
     t.start()
     kill_primary_during(server, streams)
     t.join(300)
-    n, stop_s, lp, seed, pen = streams
+    n, stop_s, lp, seed, pen, so, kv = streams
     st = server.get("/mirror").json()
     assert st["failovers"] == failovers + 1, st
 
@@ -357,8 +374,11 @@ def test_each_kind_of_request_in_flight_at_failover(server):
     prompt_len = len(server.post("/tokenize", {"model": "tiny", "prompt": p_usage})
                      .json()["tokens"])
     assert usage["usage"]["prompt_tokens"] == prompt_len, usage["usage"]
-    # Presence penalty counts output tokens only: refused with the reason, not diverged.
-    assert pen.errors and "cannot continue on the standby: presence/frequency penalties" in pen.errors[0], pen.errors
+    # Penalties and the grammar carry on from the whole output: exact.
+    assert_exact([pen, so], [ref_pen, ref_so])
+    # Bound to a KV transfer peer of the dead engine: refused with the reason.
+    assert kv.errors and "cannot continue on the standby: the request is bound to a KV " \
+        "transfer peer" in kv.errors[0], kv.errors
     assert st["last_failover"]["requests_refused"] == 1, st["last_failover"]
 
 

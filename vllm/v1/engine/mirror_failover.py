@@ -10,10 +10,11 @@ configured (patch 0009). Upstream detects the primary's death within millisecond
 1. takes the standby's engine client from the supervisor (only a standby that is
    connected and mirroring: it holds the primary's KV up to the steps in flight);
 2. promotes it (``mirror_promote``: unconfirmed steps dropped, their blocks held back);
-3. resubmits every in-flight request as prompt + the tokens its client has been given
-   (:func:`~vllm.v1.engine.failover.resume_request`), under the same id: the API
-   server's per-request state (detokenizer, logprobs, ``n > 1`` parent) continues as
-   is, and the mirrored blocks are prefix-cache hits, so only the tail is recomputed;
+3. resubmits every in-flight request with the tokens its client has been given as
+   its output (:func:`~vllm.v1.engine.failover.resume_request`), under the same id:
+   the API server's per-request state (detokenizer, logprobs, ``n > 1`` parent)
+   continues as is, and the mirrored blocks are prefix-cache hits, so only the tail
+   is recomputed;
 4. reads outputs from the new engine. The output handler, which captured this
    wrapper, never notices.
 
@@ -22,7 +23,7 @@ so when ``get_output_async`` raises, every token a client has seen is in its req
 detokenizer, and nothing after that exists anywhere but in the dead engine. Tokens
 the dead engine produced but nobody read are regenerated.
 
-Requests that cannot continue exactly (structured output, multimodal, ...) get an
+Requests that cannot continue exactly (multimodal, prompt embeddings, ...) get an
 error naming the reason; everything else keeps streaming. Requests that arrive
 during the switch wait for it. With no standby to fail over to, the error propagates
 as upstream's (engine death stays fatal).
@@ -40,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from vllm.ha.envs import failover_discard_kv
+from vllm.ha.envs import engine_exit_poll_s, failover_discard_kv
+from vllm.v1.engine.exit_watch import EngineExitWatch
 from vllm.v1.engine.failover import RequestLostInFailover, ResumeRefused, resume_request
 
 if TYPE_CHECKING:
@@ -59,10 +61,12 @@ class FailoverEngineCoreClient:
     """``AsyncLLM.engine_core`` with failover; everything not overridden goes to the
     current engine's client."""
 
-    def __init__(self, client: Any, output_processor: Any, renderer: Any = None) -> None:
+    def __init__(self, client: Any, output_processor: Any, renderer: Any = None, *,
+                 reasoning_gates_grammar: bool = False) -> None:
         self._client = client
         self.output_processor = output_processor
         self.renderer = renderer
+        self.reasoning_gates_grammar = reasoning_gates_grammar
         self.supervisor: MirrorSupervisor | None = None
         # Every request sent and not finished, as the client sent it: what failover
         # resubmits (always rebuilt from the original, however many switches).
@@ -73,6 +77,33 @@ class FailoverEngineCoreClient:
         self._switching = False
         self._gave_up = False  # no standby when the primary died: upstream behaviour
         self._last_output_at = time.monotonic()
+        self._exit_watch: EngineExitWatch | None = None
+
+    def start_exit_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail over as soon as the primary's process begins to exit (exit_watch.py),
+        not once the kernel has torn it down (upstream's sentinel, ~0.1 s later)."""
+        poll_s = engine_exit_poll_s()
+        if poll_s <= 0:
+            return
+        self._exit_watch = EngineExitWatch(
+            lambda pid: loop.call_soon_threadsafe(self._primary_exiting, pid), poll_s)
+        self._exit_watch.watch(_engine_pids(self._client))
+
+    def _primary_exiting(self, pid: int) -> None:
+        client = self._client
+        res = client.resources
+        manager = res.engine_manager
+        if (pid not in _engine_pids(client) or res.engine_dead or self._switching
+                or self._gave_up or getattr(manager, "manager_stopped", None) is None
+                or manager.manager_stopped.is_set() or not self._can_fail_over()):
+            # Shutting down, already handled, or nothing to fail over to: upstream's
+            # sentinel decides, as without a mirror.
+            return
+        logger.warning("mirror: the primary engine process (pid %d) is exiting", pid)
+        res.engine_dead = True
+        # Behind the outputs already received: the output handler processes those,
+        # then get_output_async raises and fails over (the only path that switches).
+        client.outputs_queue.put_nowait(EngineDeadError())
 
     # -- attributes AsyncLLM reads ----------------------------------------------------
 
@@ -121,6 +152,8 @@ class FailoverEngineCoreClient:
         return sup is not None and sup.can_fail_over()
 
     def shutdown(self, timeout: float | None = None) -> None:
+        if self._exit_watch is not None:
+            self._exit_watch.stop()
         self._client.shutdown(timeout=timeout)
 
     # -- requests ---------------------------------------------------------------------
@@ -239,8 +272,10 @@ class FailoverEngineCoreClient:
         logger.warning("mirror: failover done in %.0f ms: %d request(s) resumed, %d "
                        "refused; serving unprotected until a new standby is in sync",
                        seconds * 1e3, resumed, refused)
+        if self._exit_watch is not None:
+            self._exit_watch.watch(_engine_pids(standby))
         # The dead client's monitor may not have cleaned up (an engine that sent its
-        # dead signal): do it off the loop.
+        # dead signal, or one seen exiting here): do it off the loop.
         threading.Thread(target=dead.shutdown, daemon=True).start()
         if sup is not None:
             sup.on_promoted(promoted, seconds=seconds, resumed=resumed, refused=refused)
@@ -267,7 +302,8 @@ class FailoverEngineCoreClient:
                          if state.detokenizer is not None else [])
             try:
                 new = resume_request(request, generated,
-                                     prompt_logprobs_sent=not state.is_prefilling)
+                                     prompt_logprobs_sent=not state.is_prefilling,
+                                     reasoning_gates_grammar=self.reasoning_gates_grammar)
             except ResumeRefused as e:
                 refused += 1
                 self._retained.pop(rid, None)
@@ -280,7 +316,7 @@ class FailoverEngineCoreClient:
                 self._finish_as_length(rid)
                 continue
             if generated:
-                self._resumed_tokens[rid] = len(new.prompt_token_ids or ())
+                self._resumed_tokens[rid] = len(new.prompt_token_ids or ()) + len(generated)
             await self._client.add_request_async(new)
             resumed += 1
         return resumed, refused
@@ -300,6 +336,11 @@ class FailoverEngineCoreClient:
         self.output_processor.process_outputs(
             [EngineCoreOutput(request_id=rid, new_token_ids=[],
                               finish_reason=FinishReason.LENGTH)], time.monotonic(), None)
+
+
+def _engine_pids(client: Any) -> list[int]:
+    manager = getattr(client.resources, "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
 
 
 def _fail_pending_utility_calls(client: Any) -> None:

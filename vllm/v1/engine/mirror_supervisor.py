@@ -435,11 +435,15 @@ class MirrorSupervisor:
                 "driven from its event loop") from None
         from vllm.v1.engine.mirror_failover import FailoverEngineCoreClient
 
-        client = FailoverEngineCoreClient(engine_core, output_processor, renderer)
+        so = vllm_config.structured_outputs_config
+        client = FailoverEngineCoreClient(
+            engine_core, output_processor, renderer,
+            reasoning_gates_grammar=bool(so.reasoning_parser) and not so.enable_in_reasoning)
         supervisor = cls(vllm_config, client, loop)
         client.supervisor = supervisor
         supervisor.failover = client
         supervisor._thread.start()
+        client.start_exit_watch(loop)
         return client, supervisor
 
     # -- calls into the primary engine ---------------------------------------------------
