@@ -5,7 +5,7 @@
 #   [INTERLEAVE=10] bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b   (benchmarks/mirror_serve.py)
 #   MODES=mirrored bash tests/gpu/run_on_gpu_host.sh bench-failover   (benchmarks/failover_serve.py)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh mirror    (the mirror e2e test on CUDA)
-#   bash tests/gpu/run_on_gpu_host.sh failover                 (the failover e2e test on CUDA)
+#   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh failover  (the failover e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
 #   MODES="..." bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b  (benchmarks/checkpoint_restore.py)
 #   bash tests/gpu/run_on_gpu_host.sh snapshot                 (the snapshot e2e test on CUDA)
@@ -56,7 +56,7 @@ if [ "$what" = test ] || [ "$what" = all ]; then
 fi
 if [ "$what" = failover ]; then
   python3 -m pytest -v -p no:cacheprovider tests/v1/engine/test_mirror_failover.py \
-    2>&1 | tee "$LOG/pytest-failover.log"
+    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$LOG/pytest-failover.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = checkpoint ]; then
