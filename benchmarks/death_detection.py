@@ -11,7 +11,9 @@ exit) or the process gone, against the sentinel (the baseline), in the same run.
     python benchmarks/death_detection.py --device cuda --gpu-gib 20 --pinned-mib 512
     python benchmarks/death_detection.py --device cpu --host-gib 4
 
-The child allocates what an engine holds (device memory, pinned host memory, host
+The poll here is a thread of an idle process; in the API server it runs as a process
+of its own (``vllm/v1/engine/exit_watch.py``), since a thread of a busy server waits
+for the GIL. The child allocates what an engine holds (device memory, pinned host memory, host
 memory), keeps the device busy (a matmul loop), says it is ready, and is killed.
 Prints per-run times from the kill and the medians, and writes JSON to --out.
 """
@@ -31,7 +33,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-PF_EXITING = 0x4
+from vllm.v1.engine.exit_watcher import is_exiting
 
 
 def child(device: str, gpu_gib: float, pinned_mib: int, host_gib: float, ready) -> None:
@@ -56,18 +58,6 @@ def child(device: str, gpu_gib: float, pinned_mib: int, host_gib: float, ready) 
             torch.cuda.synchronize()
 
 
-def exiting(pid: int) -> bool:
-    """True once the kernel has begun the exit of ``pid`` (or it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    # Fields after the parenthesised command name: state is the 3rd, flags the 9th.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
-
-
 def one_run(args: argparse.Namespace) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
@@ -81,7 +71,7 @@ def one_run(args: argparse.Namespace) -> dict[str, float]:
     seen: dict[str, float] = {}
 
     def poll() -> None:
-        while not exiting(proc.pid):
+        while not is_exiting(proc.pid):
             time.sleep(args.poll_ms / 1e3)
         seen["proc_exiting"] = time.monotonic()
 

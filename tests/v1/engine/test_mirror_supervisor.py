@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 
 from tests.utils import ON_CUDA, RemoteServer, child_env, vllm_cli
@@ -320,6 +321,10 @@ def test_sigterm_to_the_api_server_stops_both_engines(required_server):
     st = wait_mirror(server)
     pids = {"api server": server.proc.pid, "primary": st["primary"]["pid"],
             "standby": st["standby"]["pid"]}
+    # Every other process the server started too (the failover's exit watcher, ...).
+    pids.update({f"{p.name()} {p.pid}": p.pid
+                 for p in psutil.Process(server.proc.pid).children(recursive=True)
+                 if p.pid not in pids.values()})
     os.kill(server.proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(map(_running, pids.values())):

@@ -85,19 +85,27 @@ class FailoverEngineCoreClient:
         poll_s = engine_exit_poll_s()
         if poll_s <= 0:
             return
-        self._exit_watch = EngineExitWatch(
-            lambda pid: loop.call_soon_threadsafe(self._primary_exiting, pid), poll_s)
+        try:
+            self._exit_watch = EngineExitWatch(loop, self._primary_exiting, poll_s)
+        except OSError as e:
+            logger.warning("mirror: engine exit watch unavailable (%s): the primary's "
+                           "death is seen by upstream's process sentinel", e)
+            return
         self._exit_watch.watch(_engine_pids(self._client))
 
     def _primary_exiting(self, pid: int) -> None:
         client = self._client
         res = client.resources
         manager = res.engine_manager
-        if (pid not in _engine_pids(client) or res.engine_dead or self._switching
-                or self._gave_up or getattr(manager, "manager_stopped", None) is None
-                or manager.manager_stopped.is_set() or not self._can_fail_over()):
-            # Shutting down, already handled, or nothing to fail over to: upstream's
-            # sentinel decides, as without a mirror.
+        if (pid not in _engine_pids(client) or res.engine_dead or self._gave_up
+                or getattr(manager, "manager_stopped", None) is None
+                or manager.manager_stopped.is_set()):
+            return  # shutting down, or already handled
+        if self._switching or not self._can_fail_over():
+            # Nothing to fail over to at this instant (a standby still connecting):
+            # look again at the next poll; upstream's sentinel decides meanwhile.
+            if self._exit_watch is not None:
+                self._exit_watch.watch([pid])
             return
         logger.warning("mirror: the primary engine process (pid %d) is exiting", pid)
         res.engine_dead = True
