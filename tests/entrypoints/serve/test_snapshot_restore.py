@@ -209,6 +209,10 @@ def test_restore_on_a_fresh_node_uses_the_snapshots_compile_cache(tiny_model, tm
     assert len(keys) == 1 and snap["compile_cache"]["files"] > 0, (keys, snap)
     files = SnapshotStore(root).read("cc").manifest["files"]
     assert any(f.startswith(f"compile/torch_aot_compile/{keys[0]}/") for f in files)
+    # vLLM's model-info cache too (which architecture the model class is: on a fresh
+    # node found by importing it in a subprocess).
+    assert any(f.startswith("modelinfo/") and f.endswith(".json") for f in files), files
+    cache_files = [f for f in files if f.startswith(("compile/", "plan/", "modelinfo/"))]
 
     node_b = tmp_path / "node-b"
     with RemoteServer("", ["--restore-from", str(root / "cc")], tmp_path / "restored.log",
@@ -216,6 +220,7 @@ def test_restore_on_a_fresh_node_uses_the_snapshots_compile_cache(tiny_model, tm
         assert tokens(complete(restored)) == ref
         log = restored.log_path.read_text()
     assert "compile cache in place" in log
+    assert f"({len(cache_files)} files installed, 0 already there)" in log
     # Same key: nothing compiled under another one. (The GPU build loads the artifact;
     # the CPU build's AOT loader recompiles into it, as on any restart of that build.)
     assert [p.name for p in node_b.joinpath(*aot).iterdir()] == keys

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ from vllm.v1.checkpoint.compile_cache import (
     compile_units,
     install_cache_files,
     original_model,
+    worker_cache_info,
     write_cache_files,
 )
 from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
@@ -62,6 +64,9 @@ def fake_compile_cache(root: Path) -> tuple[Path, Path]:
     backend = root / "torch_compile_cache" / "0123456789"
     (backend / "rank_0_0" / "backbone").mkdir(parents=True)
     (backend / "rank_0_0" / "backbone" / "vllm_compile_cache.py").write_text("{}")
+    infos = root / "modelinfos"
+    infos.mkdir()
+    (infos / "vllm-model_executor-models-llama-LlamaForCausalLM.json").write_text('{"x": 1}')
     return aot, backend
 
 
@@ -72,6 +77,22 @@ def test_units_are_the_vllm_keyed_directories_only(cache_root, tmp_path):
     assert units == ["0123456789", f"torch_aot_compile/{aot.name}"]
 
 
+def test_a_cuda_worker_reports_its_aot_unit(cache_root, monkeypatch):
+    """On CUDA the compilation config names only the backend's directory once the
+    graph is compiled; the AOT unit is where vLLM pointed inductor's cache."""
+    from vllm.config import CompilationConfig
+
+    aot, backend = fake_compile_cache(cache_root)
+    cc = CompilationConfig()
+    cc.cache_dir = cc.local_cache_dir = str(backend / "rank_0_0" / "backbone")
+    worker = SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=cc))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(aot / "inductor_cache"))
+    assert worker_cache_info(worker)["compile_units"] == [
+        "0123456789", f"torch_aot_compile/{aot.name}"]
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert worker_cache_info(worker)["compile_units"] == ["0123456789"]
+
+
 def test_cache_files_round_trip_through_a_snapshot(cache_root, tmp_path, monkeypatch):
     aot, backend = fake_compile_cache(cache_root)
     plan = cache_root / "startup_plan" / "startup_plan_0f.json"
@@ -79,39 +100,42 @@ def test_cache_files_round_trip_through_a_snapshot(cache_root, tmp_path, monkeyp
     plan.write_text('{"schema": 1}')
     cache = CacheFiles.of(compile_units([str(aot), str(backend)]), [str(plan), None])
     assert not any("locks" in rel for rel in cache.files), cache.files
-    assert cache.plans == 1 and len(cache.files) == 4
+    assert cache.plans == 1 and len(cache.files) == 5
+    assert "modelinfo/vllm-model_executor-models-llama-LlamaForCausalLM.json" in cache.files
 
     store = SnapshotStore(tmp_path / "snaps")
     w = store.begin("s")
     first = write_cache_files(w, cache)
     w.commit(IDENTITY, HA)
-    assert first["written"] == 4 and first["linked"] == 0
+    assert first["written"] == 5 and first["linked"] == 0 and first["model_infos"] == 1
     # Unchanged files are linked by the next generation; a changed one is written.
     (backend / "rank_0_0" / "backbone" / "vllm_compile_cache.py").write_text("{1: 2}")
     w = store.begin("s")
     second = write_cache_files(w, CacheFiles.of(cache.units, [str(plan)]))
     snap = w.commit(IDENTITY, HA)
-    assert second["linked"] == 3 and second["written"] == 1
+    assert second["linked"] == 4 and second["written"] == 1
     snap = store.read("s")  # every checksum
 
     # A fresh node: an empty cache root gets every file, byte-identical.
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "fresh"))
     names = list(snap.manifest["files"])
-    assert install_cache_files(snap.path, names) == {"installed": 4, "kept": 0}
+    assert install_cache_files(snap.path, names) == {"installed": 5, "kept": 0}
     fresh = tmp_path / "fresh"
     got = fresh / "torch_compile_cache" / "torch_aot_compile" / aot.name / "rank_0_0" / "model"
     assert got.read_bytes() == (aot / "rank_0_0" / "model").read_bytes()
     assert (fresh / "startup_plan" / plan.name).read_text() == plan.read_text()
+    assert (fresh / "modelinfos" / "vllm-model_executor-models-llama-LlamaForCausalLM.json"
+            ).read_text() == '{"x": 1}'
     assert (fresh / "torch_compile_cache" / "0123456789" / "rank_0_0" / "backbone" /
             "vllm_compile_cache.py").read_text() == "{1: 2}"
     # A file already there is never overwritten.
     got.write_bytes(b"local")
-    assert install_cache_files(snap.path, names) == {"installed": 0, "kept": 4}
+    assert install_cache_files(snap.path, names) == {"installed": 0, "kept": 5}
     assert got.read_bytes() == b"local"
 
 
 @pytest.mark.parametrize("rel", ["compile/../../outside", "/etc/x", "plan/sub/startup_plan_1.json",
-                                 "plan/bashrc"])
+                                 "plan/bashrc", "modelinfo/sub/x.json", "modelinfo/bashrc"])
 def test_install_refuses_names_outside_the_cache(cache_root, tmp_path, rel):
     (tmp_path / "snap").mkdir()
     with pytest.raises(SnapshotError):

@@ -7,8 +7,11 @@ which includes the model's path. A server restored from a snapshot reads its mod
 configuration from the snapshot's ``model/`` directory: another path, another key, a
 full compile on every restore. So:
 
-- a snapshot stores the serving engine's compile cache (``compile/...``) and startup
-  plan (``plan/...``) files;
+- a snapshot stores the serving engine's compile cache (``compile/...``: the backend's
+  ``<hash>`` unit and, with AOT compile, ``torch_aot_compile/<hash>`` with its
+  inductor and Triton kernels), startup plan (``plan/...``) and vLLM's model-info
+  cache (``modelinfo/...``: which architecture a model class is, found otherwise by
+  importing it in a subprocess, ~18 s on the H100 host) files;
 - the restored model hashes as the model the snapshot was taken of (patch 0017 calls
   :func:`hash_factors_as_original`; the snapshot's identity check has already made
   sure it is the same architecture, dtype and shapes);
@@ -36,6 +39,9 @@ logger = init_logger(__name__)
 
 COMPILE_DIR = "compile"
 PLAN_DIR = "plan"
+MODELINFO_DIR = "modelinfo"  # of VLLM_CACHE_ROOT/modelinfos (keyed by class, checked by
+# vLLM against the hash of the module's source, so valid on any node with this vLLM)
+CACHE_DIRS = (COMPILE_DIR, PLAN_DIR, MODELINFO_DIR)
 _AOT = "torch_aot_compile"
 
 
@@ -98,9 +104,13 @@ def startup_plan_path(worker: Any) -> str | None:
 
 
 def worker_cache_info(worker: Any) -> dict[str, Any]:
-    """What a worker reports for the snapshot: its compile cache units and plan."""
+    """What a worker reports for the snapshot: its compile cache units and plan.
+    With AOT compile the backend's directories are all the config names once the
+    graph is compiled; the AOT unit (the compiled model, its inductor and Triton
+    kernels) is where vLLM pointed inductor's cache for this process."""
     cc = worker.vllm_config.compilation_config
-    return {"compile_units": compile_units([cc.cache_dir, cc.local_cache_dir]),
+    paths = [cc.cache_dir, cc.local_cache_dir, os.environ.get("TORCHINDUCTOR_CACHE_DIR")]
+    return {"compile_units": compile_units(paths),
             "startup_plan": startup_plan_path(worker)}
 
 
@@ -128,6 +138,9 @@ class CacheFiles:
         for plan in plans:
             if plan:
                 out.files[f"{PLAN_DIR}/{Path(plan).name}"] = Path(plan)
+        infos = _cache_root() / "modelinfos"
+        for f in sorted(infos.glob("*.json")) if infos.is_dir() else ():
+            out.files[f"{MODELINFO_DIR}/{f.name}"] = f
         return out
 
 def write_cache_files(writer: Any, cache: CacheFiles) -> dict[str, Any]:
@@ -152,7 +165,8 @@ def write_cache_files(writer: Any, cache: CacheFiles) -> dict[str, Any]:
             # this snapshot needs; a half-written one is dropped by the writer's abort.
             writer.files.pop(rel, None)
     return {"files": written + linked, "written": written, "linked": linked,
-            "bytes": size, "units": cache.units, "startup_plans": cache.plans}
+            "bytes": size, "units": cache.units, "startup_plans": cache.plans,
+            "model_infos": sum(rel.startswith(f"{MODELINFO_DIR}/") for rel in cache.files)}
 
 
 def install_cache_files(snapshot: Path, names: Iterable[str]) -> dict[str, int]:
@@ -171,6 +185,11 @@ def install_cache_files(snapshot: Path, names: Iterable[str]) -> dict[str, int]:
             base, name = root / "startup_plan", rel[len(PLAN_DIR) + 1:]
             if "/" in name or not name.startswith("startup_plan_"):
                 raise SnapshotError(f"{rel!r} is not a startup plan file")
+            dest = base / name
+        elif rel.startswith(f"{MODELINFO_DIR}/"):
+            base, name = root / "modelinfos", rel[len(MODELINFO_DIR) + 1:]
+            if "/" in name or not name.endswith(".json"):
+                raise SnapshotError(f"{rel!r} is not a model-info file")
             dest = base / name
         else:
             continue

@@ -20,7 +20,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from vllm.v1.checkpoint.compile_cache import COMPILE_DIR, PLAN_DIR, install_cache_files
+from vllm.v1.checkpoint.compile_cache import CACHE_DIRS, PLAN_DIR, install_cache_files
 from vllm.v1.checkpoint.snapshot import SnapshotError, SnapshotStore
 from vllm.v1.engine.snapshot import LOAD_FORMAT, ha_version
 
@@ -127,7 +127,7 @@ def _use_cache_files(snap: Any, model: str, meta: dict[str, Any]) -> None:
     if original and original != model:
         os.environ["VLLM_HA_RESTORED_MODEL"] = json.dumps([model, original])
     names = [rel for rel in snap.manifest["files"]
-             if rel.startswith((f"{COMPILE_DIR}/", f"{PLAN_DIR}/"))]
+             if rel.startswith(tuple(f"{d}/" for d in CACHE_DIRS))]
     if not names:
         logger.info("Restore from %s: the snapshot holds no compile cache (the engine "
                     "compiles)", snap.path)
