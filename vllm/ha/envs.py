@@ -52,4 +52,16 @@ def engine_exit_poll_s() -> float:
     primary engine process for the start of its exit (``vllm/v1/engine/exit_watch.py``);
     0 leaves detection to upstream's process sentinel, which fires only once the kernel
     has torn the process down (~0.1 s for an engine's memory)."""
-    return max(0.0, float(os.environ.get("VLLM_HA_ENGINE_EXIT_POLL_MS", "1"))) / 1e3
+    raw = os.environ.get("VLLM_HA_ENGINE_EXIT_POLL_MS", "1")
+    try:
+        return max(0.0, float(raw)) / 1e3
+    except ValueError:
+        raise ValueError(f"VLLM_HA_ENGINE_EXIT_POLL_MS={raw!r}: expected milliseconds "
+                         "(0 turns the exit watch off)") from None
+
+
+def resume_key() -> str | None:
+    """``VLLM_HA_RESUME_KEY`` (set by ``--mirror-peer`` for the API server and the
+    engines it starts): what proves that a request's resumed output was sent by
+    failover, not by a client (``extra_args`` reach the engine from any request)."""
+    return os.environ.get("VLLM_HA_RESUME_KEY") or None

@@ -6,6 +6,7 @@ adopted as its output by the engine). Prints JSON."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import msgspec
@@ -21,7 +22,9 @@ MAX_TOKENS = 40
 # Each kind counts output tokens in its own way: if the resumed request lost its
 # output, these would diverge from the reference.
 KINDS = {
-    "greedy": dict(min_tokens=30, ignore_eos=True),
+    # The tiny model emits 718 as its 28th token: min_tokens holds it back until the
+    # 34th, counted over the output before and after the switch.
+    "greedy": dict(min_tokens=30, stop_token_ids=[718]),
     "penalties": dict(presence_penalty=2.0, frequency_penalty=2.0, ignore_eos=True),
     "structured": dict(structured_outputs=StructuredOutputsParams(
         regex="(ab){5}(bba){5}(ab){10}")),
@@ -41,6 +44,7 @@ def run_to_end(engine, request, request_id: str) -> tuple[list[int], int | None]
 
 
 def main(model: str) -> None:
+    os.environ["VLLM_HA_RESUME_KEY"] = "test"  # what --mirror-peer sets for its engines
     llm = LLM(model, enforce_eager=True, dtype="float32", max_model_len=512,
               block_size=BLOCK, enable_prefix_caching=True, seed=0)
     engine = llm.llm_engine
@@ -62,6 +66,13 @@ def main(model: str) -> None:
         result[kind] = {"ref": ref, "runs": runs,
                         "done": resume_request(original, ref + [0] * (MAX_TOKENS - len(ref)),
                                                prompt_logprobs_sent=True) is None}
+    # A client's extra_args without the server's key: an ordinary request.
+    forged = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, extra_args={
+        "vllm_ha_resumed_output": {"key": "guess", "tokens": [10**9, -5]}})
+    req = engine.input_processor.process_inputs(
+        "forged", TokensPrompt(prompt_token_ids=prompt), forged,
+        supported_tasks=engine.get_supported_tasks())
+    result["forged"] = run_to_end(engine, req, "forged")[0]
     print("RESULT " + json.dumps(result))
 
 

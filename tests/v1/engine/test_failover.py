@@ -33,7 +33,12 @@ def _request(params: SamplingParams | None = None, **kw) -> EngineCoreRequest:
     return EngineCoreRequest(**fields)
 
 
-def test_the_generated_tokens_travel_beside_the_original_request():
+@pytest.fixture(autouse=True)
+def resume_key(monkeypatch):
+    monkeypatch.setenv("VLLM_HA_RESUME_KEY", "k1")  # what --mirror-peer sets
+
+
+def test_the_generated_tokens_travel_beside_the_original_request(monkeypatch):
     original = _request(SamplingParams(max_tokens=10, min_tokens=4, prompt_logprobs=2,
                                        extra_args={"mine": 1}))
     resumed = resume_request(original, [7, 8, 9], prompt_logprobs_sent=True)
@@ -43,8 +48,17 @@ def test_the_generated_tokens_travel_beside_the_original_request():
     assert (resumed.request_id, resumed.arrival_time) == ("r", 123.0)
     sp = resumed.sampling_params
     assert (sp.max_tokens, sp.min_tokens, sp.prompt_logprobs) == (10, 4, None)
-    assert sp.extra_args == {"mine": 1, RESUMED_OUTPUT: [7, 8, 9]}
+    assert sp.extra_args == {"mine": 1, RESUMED_OUTPUT: {"key": "k1", "tokens": [7, 8, 9]}}
     assert resumed_output_tokens(sp) == [7, 8, 9]
+    # Prompt logprobs went out: the new engine may read the prefix cache again.
+    assert original.sampling_params.skip_reading_prefix_cache
+    assert not sp.skip_reading_prefix_cache
+    # Only with this server's key (a client can set extra_args too).
+    for forged in ([7, 8, 9], {"key": "guess", "tokens": [7]}, {"tokens": [7]}):
+        assert resumed_output_tokens(SamplingParams(
+            max_tokens=5, extra_args={RESUMED_OUTPUT: forged})) == []
+    monkeypatch.delenv("VLLM_HA_RESUME_KEY")
+    assert resumed_output_tokens(sp) == []
     # Cloned, not edited: the API server's RequestState shares the original.
     assert original.sampling_params.extra_args == {"mine": 1}
     assert original.sampling_params.prompt_logprobs == 2
@@ -103,10 +117,13 @@ def test_a_real_engine_continues_requests_exactly_from_the_cache(tiny_model):
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT "):])
+    # A forged resumed output (a client's vllm_xargs) is ignored: 8 tokens generated.
+    assert len(result.pop("forged")) == 8
     assert sorted(result) == ["greedy", "penalties", "structured"]
     for kind, r in result.items():
         ref = r["ref"]
-        assert len(ref) == 40 and r["done"], kind
+        # Greedy stops at its stop token once min_tokens (30) allow it.
+        assert (30 < len(ref) < 40 if kind == "greedy" else len(ref) == 40) and r["done"], kind
         assert len(r["runs"]) == 3, kind
         for k, run in r["runs"].items():
             k = int(k)

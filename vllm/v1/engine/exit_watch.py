@@ -42,13 +42,22 @@ class EngineExitWatch:
                  poll_s: float) -> None:
         self._loop = loop
         self._on_exit = on_exit
+        # Its own session: a Ctrl-C to the server's process group is not its concern
+        # (it exits when the server does: EOF on its stdin).
         self._proc = subprocess.Popen(
             [sys.executable, "-S", exit_watcher.__file__, str(poll_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            start_new_session=True)
         self._out = self._proc.stdout.fileno()
-        os.set_blocking(self._out, False)
         self._pending = b""
-        loop.add_reader(self._out, self._read)
+        self._stopped = False
+        try:
+            os.set_blocking(self._out, False)
+            loop.add_reader(self._out, self._read)
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
 
     def watch(self, pids: list[int]) -> None:
         try:
@@ -62,8 +71,13 @@ class EngineExitWatch:
             data = os.read(self._out, 4096)
         except BlockingIOError:
             return
-        if not data:  # the poller exited
+        except OSError:
+            data = b""
+        if not data:  # the poller exited: upstream's sentinel still works
             self._loop.remove_reader(self._out)
+            if not self._stopped:
+                logger.warning("mirror: engine exit watch stopped (exit code %s); engine "
+                               "deaths are seen by upstream's monitor", self._proc.poll())
             return
         self._pending += data
         *lines, self._pending = self._pending.split(b"\n")
@@ -73,12 +87,17 @@ class EngineExitWatch:
             except Exception:
                 logger.exception("mirror: engine exit callback failed")
 
+    def _close_reader(self) -> None:
+        self._loop.remove_reader(self._out)
+        self._proc.stdout.close()
+
     def stop(self) -> None:
         """From any thread."""
+        self._stopped = True
         try:
-            self._loop.call_soon_threadsafe(self._loop.remove_reader, self._out)
-        except RuntimeError:  # the loop is closed
-            pass
+            self._loop.call_soon_threadsafe(self._close_reader)
+        except RuntimeError:  # the loop is closed: nothing reads any more
+            self._proc.stdout.close()
         try:
             self._proc.stdin.close()  # EOF: the poller exits
         except OSError:
@@ -87,3 +106,4 @@ class EngineExitWatch:
             self._proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self._proc.kill()
+            self._proc.wait()

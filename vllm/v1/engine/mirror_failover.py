@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 PROMOTE_TIMEOUT_S = 30.0
+# A primary seen exiting while no standby can take over is looked at again every
+# EXIT_RECHECK_S for EXIT_RECHECK_FOR_S (a standby may be connecting right then).
+EXIT_RECHECK_S = 0.01
+EXIT_RECHECK_FOR_S = 5.0
 # What AsyncLLM.errored sees between the primary's death and the end of the switch:
 # new requests are accepted (and wait) instead of failing with EngineDeadError.
 _ALIVE = SimpleNamespace(engine_dead=False)
@@ -78,6 +82,7 @@ class FailoverEngineCoreClient:
         self._gave_up = False  # no standby when the primary died: upstream behaviour
         self._last_output_at = time.monotonic()
         self._exit_watch: EngineExitWatch | None = None
+        self._exit_seen: dict[int, float] = {}  # pid -> first seen exiting
 
     def start_exit_watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Fail over as soon as the primary's process begins to exit (exit_watch.py),
@@ -87,7 +92,7 @@ class FailoverEngineCoreClient:
             return
         try:
             self._exit_watch = EngineExitWatch(loop, self._primary_exiting, poll_s)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             logger.warning("mirror: engine exit watch unavailable (%s): the primary's "
                            "death is seen by upstream's process sentinel", e)
             return
@@ -101,11 +106,13 @@ class FailoverEngineCoreClient:
                 or getattr(manager, "manager_stopped", None) is None
                 or manager.manager_stopped.is_set()):
             return  # shutting down, or already handled
-        if self._switching or not self._can_fail_over():
+        if not self._can_fail_over():
             # Nothing to fail over to at this instant (a standby still connecting):
-            # look again at the next poll; upstream's sentinel decides meanwhile.
-            if self._exit_watch is not None:
-                self._exit_watch.watch([pid])
+            # look again shortly, for a while; upstream's sentinel decides meanwhile.
+            watch = self._exit_watch
+            if watch is not None and time.monotonic() - self._exit_seen.setdefault(
+                    pid, time.monotonic()) < EXIT_RECHECK_FOR_S:
+                asyncio.get_running_loop().call_later(EXIT_RECHECK_S, watch.watch, [pid])
             return
         logger.warning("mirror: the primary engine process (pid %d) is exiting", pid)
         res.engine_dead = True
@@ -249,6 +256,8 @@ class FailoverEngineCoreClient:
         if standby is None:
             self._give_up(sup, f"no standby holds its KV (state: "
                                f"{sup.state.state if sup is not None else 'no mirror'})")
+            # Upstream's monitor skips an engine already marked dead (the exit watch).
+            threading.Thread(target=dead.shutdown, daemon=True).start()
             return False
         t0 = time.monotonic()
         self._switching = True
@@ -269,6 +278,7 @@ class FailoverEngineCoreClient:
             logger.exception("mirror: failover failed")
             self._client = dead
             self._give_up(sup, f"failover failed: {type(e).__name__}: {e}")
+            threading.Thread(target=dead.shutdown, daemon=True).start()
             threading.Thread(target=standby.shutdown, daemon=True).start()
             if not isinstance(e, Exception):
                 raise

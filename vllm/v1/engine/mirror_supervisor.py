@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import os
 import random
+import secrets
 import signal
 import threading
 import time
@@ -412,6 +413,8 @@ class MirrorSupervisor:
         except ImportError as e:
             raise MirrorStartupError(
                 f"--mirror-peer needs NIXL ({e}): pip install 'vllm[nixl]'") from None
+        # Failover's proof that a resumed request's output is its own (failover.py).
+        os.environ.setdefault("VLLM_HA_RESUME_KEY", secrets.token_hex(16))
         if os.environ.get("PYTHONHASHSEED") in (None, "", "random"):
             # Primary and standby must hash blocks alike; children inherit this.
             os.environ["PYTHONHASHSEED"] = str(random.randrange(1, 2**32))
@@ -442,8 +445,10 @@ class MirrorSupervisor:
         supervisor = cls(vllm_config, client, loop)
         client.supervisor = supervisor
         supervisor.failover = client
-        supervisor._thread.start()
+        # Before the supervisor's thread: a standby start kills the children that
+        # appear meanwhile if it is stopped half-way.
         client.start_exit_watch(loop)
+        supervisor._thread.start()
         return client, supervisor
 
     # -- calls into the primary engine ---------------------------------------------------
