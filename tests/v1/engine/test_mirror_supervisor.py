@@ -331,3 +331,6 @@ def test_sigterm_to_the_api_server_stops_both_engines(required_server):
         time.sleep(0.5)
     left = {name: pid for name, pid in pids.items() if _running(pid)}
     assert not left, f"still running 60 s after SIGTERM: {left}\n{server.tail()}"
+    # The engines exiting on shutdown are not a death to fail over from.
+    log = server.log_path.read_text(errors="replace")
+    assert "failing over to the standby" not in log and "is exiting" not in log
