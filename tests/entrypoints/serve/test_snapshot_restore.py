@@ -105,6 +105,20 @@ def test_snapshot_restores_into_a_new_server_without_the_model(server, root, tmp
         assert "verified" in log and "KV blocks restored into the prefix cache" in log
 
 
+def test_weights_are_linked_after_a_snapshot_of_another_name(server, root):
+    """Another snapshot (here in another codec) in between: the next generation of the
+    first still links the weights this process wrote for it."""
+    def take(name: str, codec: str) -> dict:
+        r = server.post("/snapshot", {"name": name, "codec": codec}, headers=AUTH, timeout=600)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    take("alt-a", "none")
+    take("alt-b", "zlib")
+    again = take("alt-a", "none")
+    assert again["bytes_linked"] > 0.9 * again["bytes"], again
+
+
 def test_checkpoint_also_writes_a_snapshot(server, root):
     ref = tokens(complete(server))
     if ON_CUDA:

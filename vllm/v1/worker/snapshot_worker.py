@@ -63,6 +63,10 @@ def codec_for(stored_name: str, device: torch.device) -> ByteplaneCodec | None:
     raise SnapshotError(f"unknown codec {stored_name!r} in the snapshot")
 
 
+# Weight files (snapshot names, codecs) a process remembers it wrote, for linking.
+WEIGHTS_REMEMBERED = 8
+
+
 class ChunkFileWriter:
     """Appends encoded chunks to one file; the index says where each plane is.
 
@@ -209,9 +213,10 @@ class WorkerSnapshot(WorkerPart):
     def __init__(self, worker: Any) -> None:
         super().__init__(worker)
         self.rank = int(getattr(worker, "rank", 0) or 0)
-        # Weights do not change while serving: a later snapshot links the file this
-        # process wrote (these are its piece checksums) instead of encoding them again.
-        self.weights_written: list[str] | None = None
+        # Weights do not change while serving: a later snapshot links a file this
+        # process wrote (these are their piece checksums, newest last; any snapshot
+        # name or codec: each holds the same weights) instead of encoding them again.
+        self.weights_written: list[list[str]] = []
         self._background: BackgroundFiles | None = None
 
     def _model(self) -> torch.nn.Module:
@@ -224,8 +229,11 @@ class WorkerSnapshot(WorkerPart):
         """The previous generation holds the weights this process wrote (so they, and
         the KV blocks computed with them, can be linked instead of written)."""
         w_bin, w_idx = self._weights_files()
-        return (self.weights_written is not None and w_idx in linkable
-                and linkable.get(w_bin) == self.weights_written)
+        return w_idx in linkable and linkable.get(w_bin) in self.weights_written
+
+    def _wrote_weights(self, checksums: list[str]) -> None:
+        if checksums not in self.weights_written:
+            self.weights_written = [*self.weights_written, checksums][-WEIGHTS_REMEMBERED:]
 
     def _host_room_for(self, write_weights: bool, num_blocks: int) -> bool:
         """Whether the copies of a deferred write fit in host memory (at their raw size:
@@ -307,7 +315,7 @@ class WorkerSnapshot(WorkerPart):
         if writers:
             self._background = BackgroundFiles.flushing(gen_dir, writers)
         elif write_weights:
-            self.weights_written = files[w_bin]["sha256"]
+            self._wrote_weights(files[w_bin]["sha256"])
         return self._write_result(files, linked, codec, [rel for rel, _ in writers], t0,
                                   t_weights)
 
@@ -386,7 +394,7 @@ class WorkerSnapshot(WorkerPart):
         w_bin, _ = self._weights_files()
         if w_bin in files:
             # Linkable by the next snapshot only once it is whole on disk.
-            self.weights_written = files[w_bin]["sha256"]
+            self._wrote_weights(files[w_bin]["sha256"])
         return files
 
     def _write_weights(self, gen: Path, w_bin: str, w_idx: str,
