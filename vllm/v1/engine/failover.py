@@ -174,31 +174,27 @@ def _replayed(grammar: Any, request_id: str, tokens: list[int]) -> Future:
     """``grammar`` (compiled, or a compilation in progress) advanced through
     ``tokens``. A grammar that rejects them fails the request the way a grammar
     that does not compile does (the scheduler's error path), never silently."""
-
-    def replay(compiled: Any) -> Any:
-        if not compiled.accept_tokens(request_id, tokens):
-            raise ValueError(f"request {request_id}: the structured-output grammar "
-                             "rejects the tokens generated before the failover")
-        return compiled
-
     out: Future = Future()
 
-    def resolve(done: Future) -> None:
+    def replay(compiled: Any) -> None:
         try:
-            compiled = done.result()
-        except Exception as e:  # did not compile: upstream has logged it
-            out.set_exception(e)
-            return
-        try:
-            out.set_result(replay(compiled))
+            if not compiled.accept_tokens(request_id, tokens):
+                raise ValueError(f"request {request_id}: the structured-output grammar "
+                                 "rejects the tokens generated before the failover")
         except Exception as e:
             logger.warning("mirror: %s", e)
             out.set_exception(e)
+        else:
+            out.set_result(compiled)
+
+    def on_compiled(done: Future) -> None:
+        if done.exception() is not None:  # did not compile: upstream has logged it
+            out.set_exception(done.exception())
+        else:
+            replay(done.result())
 
     if isinstance(grammar, Future):
-        grammar.add_done_callback(resolve)
+        grammar.add_done_callback(on_compiled)
     else:
-        compiled: Future = Future()
-        compiled.set_result(grammar)
-        resolve(compiled)
+        replay(grammar)
     return out
