@@ -16,8 +16,12 @@ in the same run.
    prefix cache came back), output compared.
 3. restart: the same command as 1 with the compile cache 1 left (what a restart
    without a snapshot costs), process start → first token of the same prompt.
+4. spare: a server with the same flags and random weights, started beforehand (not
+   timed), takes the snapshot with ``POST /snapshot/load``: call → first token of the
+   same prompt, with the snapshot in the page cache, again with the weights kept, and
+   from disk with the page cache dropped.
 
-Ratios: restart / restore and cold / restore (time to first token), and the first
+Ratios: restart / restore, cold / restore and cold / spare (time to first token), and the first
 snapshot's engine pause inside / outside the write. Writes --out.
 """
 
@@ -110,6 +114,8 @@ def main() -> None:
     p.add_argument("--root", default=None, help="snapshot root (default: a temp dir)")
     p.add_argument("--log-dir", default=".")
     p.add_argument("--out", default="snapshot_restore.json")
+    p.add_argument("--no-spare", dest="spare", action="store_false",
+                   help="skip 4. (the warm spare's POST /snapshot/load)")
     a = p.parse_args()
 
     root = a.root or tempfile.mkdtemp(prefix="ha-snapshots-")
@@ -185,6 +191,9 @@ def main() -> None:
         result["restart_cached_tokens"] = cached(out)
     finally:
         restart.kill()
+    # 4. a warm spare (started beforehand: not on the clock) loads the snapshot
+    if a.spare:
+        spare_loads(a, result, base, root, env, texts[0], ref)
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(node, ignore_errors=True)
     if not a.root:
@@ -206,8 +215,62 @@ def main() -> None:
           f"{first['seconds']} s (files written in the background); written in the "
           f"pause: {inline['engine_pause_seconds']} s; ratio "
           f"{r['pause_ratio_inline_vs_background']}x", flush=True)
+    for key in ("warm", "kept", "cold"):
+        sp = r.get(f"spare_{key}")
+        if sp:
+            print(f"spare load ({key} page cache{', weights kept' if key == 'kept' else ''}): "
+                  f"{sp['first_token_s']} s to first token (load {sp['load']['phases_s']}, "
+                  f"weights {sp['load']['weights']}), cached {sp['cached_tokens']}, output "
+                  f"equal: {sp['output_equal']}; cold start / this "
+                  f"{r['ratio_cold_vs_spare_' + key]}x", flush=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def read_through(path: str) -> int:
+    """Reads every file under ``path`` (the page cache then holds it, as on the node
+    that just wrote the snapshot)."""
+    n = 0
+    for d, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                while chunk := f.read(64 << 20):
+                    n += len(chunk)
+    return n
+
+
+def spare_loads(a, result: dict, base: list[str], root: str, env: dict, text: str,
+                ref: list[int]) -> None:
+    """``POST /snapshot/load`` into a spare (same engine flags, random weights), timed
+    from the call to the first token of a prompt cached before the kill: with the
+    snapshot in the page cache (a lost process), again (weights kept: only the prefix
+    cache is read), and with the page cache dropped (a lost node, local disk)."""
+    spare = Serve([a.model, *base, "--snapshot-root", root], f"{a.log_dir}/snap-spare.log",
+                  env)
+    try:
+        result["spare_healthy_s"] = round(spare.wait_healthy(a.timeout), 2)
+        spare.complete(text, a.output_len)  # warm, as a spare in service would be
+        gen = os.path.realpath(os.path.join(root, "bench", "CURRENT"))
+        for key, body, prepare in (
+                ("warm", {}, lambda: read_through(gen)),
+                ("kept", {}, lambda: None),
+                ("cold", {"reload_weights": True}, drop_page_cache)):
+            prepared = prepare()
+            t = time.monotonic()
+            r = requests.post(spare.url + "/snapshot/load", json={"name": "bench", **body},
+                              timeout=900)
+            r.raise_for_status()
+            load = r.json()
+            out = spare.complete(text, a.output_len)
+            first = round(time.monotonic() - t, 3)
+            result[f"spare_{key}"] = {
+                "first_token_s": first, "load": load, "prepared": prepared,
+                "cached_tokens": cached(out),
+                "output_equal": out["choices"][0]["token_ids"] == ref}
+            result[f"ratio_cold_vs_spare_{key}"] = round(result["cold_first_token_s"] / first, 1)
+            print(f"spare ({key}): {json.dumps(result[f'spare_{key}'])}", flush=True)
+    finally:
+        spare.kill()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh failover  (the failover e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
 #   MODES="..." bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b  (benchmarks/checkpoint_restore.py)
-#   bash tests/gpu/run_on_gpu_host.sh snapshot                 (the snapshot e2e test on CUDA)
+#   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh snapshot  (the snapshot e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh bench-snapshot 1b|8b     (benchmarks/snapshot_restore.py)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -104,6 +104,7 @@ if [ "$what" = bench-checkpoint ]; then
 fi
 if [ "$what" = snapshot ]; then
   python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_snapshot_restore.py \
+    ${PYTEST_K:+-k "$PYTEST_K"} \
     2>&1 | tee "$LOG/pytest-snapshot.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi

@@ -102,3 +102,10 @@ def test_bad_standby_option_is_refused(server):
     assert r.status_code == 400 and "standby" in r.text
     assert status(server)["state"] == "serving"
     assert server.get("/mirror").json()["state"] == "in_sync"
+
+
+def test_a_mirrored_server_refuses_to_load_a_snapshot(server):
+    """Its standby would keep the old prefix cache: refused before anything changes."""
+    r = server.post("/snapshot/load", {"name": "any"}, headers=AUTH)
+    assert r.status_code == 409 and "--mirror-peer" in r.text, r.text
+    assert status(server)["state"] == "serving"

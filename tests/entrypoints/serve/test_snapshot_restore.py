@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +105,98 @@ def test_snapshot_restores_into_a_new_server_without_the_model(server, root, tmp
             assert cached(out) >= 16, f"no prefix-cache hit after restore: {out['usage']}"
         log = restored.log_path.read_text()
         assert "verified" in log and "KV blocks restored into the prefix cache" in log
+
+
+@pytest.fixture(scope="module")
+def spare(tiny_model, root, tmp_path_factory):
+    """A warm spare: the same engine configuration with random weights."""
+    log = tmp_path_factory.mktemp("spare") / "serve.log"
+    env = child_env(VLLM_HA_ADMIN_KEY=ADMIN_KEY)
+    with RemoteServer(str(tiny_model), [*ARGS, "--snapshot-root", str(root),
+                                        "--load-format", "dummy"], log, env=env) as s:
+        yield s
+
+
+def load(server: RemoteServer, name: str, expect: int = 200, **body) -> dict:
+    r = server.post("/snapshot/load", {"name": name, **body}, headers=AUTH, timeout=600)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+def test_a_warm_spare_becomes_the_snapshotted_server(server, spare, root):
+    """POST /snapshot/load: identical greedy output and prefix-cache hits in a process
+    that started with random weights; bad loads change nothing, a load that fails
+    mid-way serves nothing until a load succeeds."""
+    refs = {p: tokens(complete(server, p)) for p in (PROMPT, OTHER)}
+    snapshot(server, "lost")
+    before = tokens(complete(spare, PROMPT))
+    assert before != refs[PROMPT]  # random weights: the load has something to prove
+    snapshot(spare, "spare-own")  # of its random weights (never to be linked after)
+
+    # Refused before anything changes: auth, unknown name, corrupt file, requests in flight.
+    assert spare.post("/snapshot/load", {"name": "lost"}).status_code == 401
+    assert "no snapshot" in load(spare, "nothing-here", 400)["error"]
+    shutil.copytree(root / "lost", root / "corrupt", symlinks=True)
+    kv_bin = next((root / "corrupt" / current(root, "corrupt") / "kv").glob("*.bin"))
+    with open(kv_bin, "r+b") as f:
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert "corrupt" in load(spare, "corrupt", 400)["error"]
+    # Eight long requests (the tiny model decodes ~1 ms a token): in flight for seconds.
+    outs: list[dict] = []
+    decoding = [threading.Thread(target=lambda i=i: outs.append(complete(
+        spare, f"go {i}", max_tokens=900)), daemon=True) for i in range(8)]
+    for t in decoding:
+        t.start()
+    deadline = time.monotonic() + 60
+    while status(spare)["requests_in_flight"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert status(spare)["requests_in_flight"] > 0, "the long requests never ran"
+    assert "in flight" in load(spare, "lost", 409)["error"]
+    for t in decoding:
+        t.join(300)
+    assert [len(tokens(o)) for o in outs] == [900] * 8  # what it refused for went on
+    assert status(spare)["state"] == "serving"
+    assert tokens(complete(spare, PROMPT)) == before
+
+    # Fails mid-way (unverified, truncated weights): weights half written, so the
+    # server answers 503 instead of serving them, until a load succeeds.
+    weights_bin = root / "corrupt" / current(root, "corrupt") / "weights" / "rank0.bin"
+    os.truncate(weights_bin, weights_bin.stat().st_size // 2)
+    load(spare, "corrupt", 500, verify=False)
+    assert status(spare)["state"] == "load_failed"
+    r = spare.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 503 and "failed POST /snapshot/load" in r.text, r.text
+
+    got = load(spare, "lost")
+    assert got["weights"] == "loaded" and got["kv_blocks"] >= 4, got
+    assert set(got["phases_s"]) == {"verify", "weights", "kv", "total"}
+    st = status(spare)
+    assert st["state"] == "serving" and st["snapshot"]["loaded"]["name"] == "lost"
+    for p, ref in refs.items():
+        out = complete(spare, p)
+        assert tokens(out) == ref
+        assert cached(out) >= 16, f"no prefix-cache hit after the load: {out['usage']}"
+    # The same weights again (the CLI): kept, only the prefix cache is replaced.
+    r = subprocess.run([*vllm_cli(), "snapshot-load", spare.url, "lost", "--json"],
+                       capture_output=True, text=True, timeout=600,
+                       env=child_env(VLLM_HA_ADMIN_KEY=ADMIN_KEY))
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["weights"] == "kept" and again["weights_bytes"] == 0, again
+    out = complete(spare, OTHER)
+    assert tokens(out) == refs[OTHER] and cached(out) >= 16
+    # The spare's next snapshot holds the loaded weights: its random ones, which it
+    # wrote before the load, are not linked.
+    own = snapshot(spare, "spare-own")
+    assert own["bytes_linked"] < own["bytes"] / 4, own
+    if not ON_CUDA:  # zlib encodes the same bytes the same way
+        def weights_sha(name: str) -> list[str]:
+            return SnapshotStore(root).read(name).manifest["files"]["weights/rank0.bin"][
+                "sha256"]
+        assert weights_sha("spare-own") == weights_sha("lost")
 
 
 def test_weights_are_linked_after_a_snapshot_of_another_name(server, root):

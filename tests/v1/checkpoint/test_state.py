@@ -80,3 +80,46 @@ def test_requests_wait_while_checkpointed_and_go_after_restore():
         return order
 
     assert asyncio.run(scenario()) == ["restored", "r0", "r1", "r2"]
+
+
+def test_load_from_serving_refused_while_checkpointed_and_a_failure_returns_as_was():
+    life = CheckpointLifecycle()
+    life.begin("load")
+    assert life.state is CheckpointState.LOADING and not life.accepting
+    life.finish("load", ok=False, error="a checksum differs")  # refused before writing
+    assert life.state is CheckpointState.SERVING and life.last_error == "a checksum differs"
+    life.begin("checkpoint")
+    life.finish("checkpoint")
+    with pytest.raises(CheckpointStateError,
+                       match="cannot load while checkpointed: load needs the server serving "
+                             "or load_failed"):
+        life.begin("load")
+    assert life.state is CheckpointState.CHECKPOINTED
+
+
+def test_a_load_failed_mid_way_stays_failed_until_a_load_succeeds():
+    async def scenario() -> list[str]:
+        life = CheckpointLifecycle()
+        seen: list[str] = []
+
+        async def request() -> None:
+            await life.wait_serving()
+            seen.append(life.state.value)
+
+        life.begin("load")
+        held = asyncio.create_task(request())
+        await asyncio.sleep(0.01)
+        assert seen == []  # held while loading
+        life.finish("load", ok=False, failed_to=CheckpointState.LOAD_FAILED)
+        await asyncio.wait_for(held, timeout=5)  # woken to be told, not left waiting
+        for phase in ("checkpoint", "restore"):
+            with pytest.raises(CheckpointStateError):
+                life.begin(phase)
+        await life.wait_serving()  # returns at once: waiting would never end
+        seen.append("again")
+        life.begin("load")
+        life.finish("load")
+        seen.append(life.state.value)
+        return seen
+
+    assert asyncio.run(scenario()) == ["load_failed", "again", "serving"]

@@ -8,7 +8,7 @@ import torch
 
 from tests.utils import ON_CUDA
 from vllm.v1.worker import checkpoint_worker as cw
-from vllm.v1.worker.snapshot_worker import BackgroundFiles, ChunkFileReader, ChunkFileWriter
+from vllm.v1.worker.snapshot_worker import BackgroundFiles, ChunkFileWriter, ChunkReadAhead
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
@@ -42,15 +42,50 @@ def test_a_deferred_file_is_the_same_file(tmp_path):
     assert (tmp_path / "deferred.bin").read_bytes() == (tmp_path / "direct.bin").read_bytes()
     # And it reads back into the original bytes.
     codec = cw.make_codec("auto" if ON_CUDA else "zlib", DEVICE)
-    reader = ChunkFileReader(tmp_path / "deferred.bin", ON_CUDA)
     flat = torch.cat([t.reshape(-1) for t in tensors()])
+    assert torch.equal(torch.cat(read_back(tmp_path / "deferred.bin", index, codec)), flat)
+
+
+def read_back(path, index: list[dict], codec) -> list[torch.Tensor]:
     got = []
-    for entry in index:
-        out = torch.empty(entry["nbytes"], dtype=torch.uint8, device=DEVICE)
-        cw._decode_into(codec, reader.chunk(entry), out)
-        got.append(out)
+    with ChunkReadAhead(path, index, ON_CUDA) as reader:
+        for entry, chunk in zip(index, reader):
+            out = torch.empty(entry["nbytes"], dtype=torch.uint8, device=DEVICE)
+            cw._decode_into(codec, chunk, out)
+            got.append(out)
+    return got
+
+
+def test_read_ahead_reuses_its_buffers_in_any_order(tmp_path):
+    """More chunks than buffers, asked for out of file order: each comes back exactly
+    (a buffer reused before its bytes were consumed would corrupt an earlier chunk)."""
+    index, w = write(tmp_path / "f.bin", deferred=False)
+    w.close()
+    assert len(index) > 2 * ChunkReadAhead.DEPTH
+    codec = cw.make_codec("auto" if ON_CUDA else "zlib", DEVICE)
+    order = index[::-1]
+    want = read_back(tmp_path / "f.bin", index, codec)[::-1]
+    got = read_back(tmp_path / "f.bin", order, codec)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_read_ahead_reports_a_truncated_file_and_stops_when_closed(tmp_path):
+    index, w = write(tmp_path / "f.bin", deferred=False)
+    w.close()
+    data = (tmp_path / "f.bin").read_bytes()
+    (tmp_path / "f.bin").write_bytes(data[:len(data) // 2])
+    from vllm.v1.checkpoint.snapshot import SnapshotError
+
+    with pytest.raises(SnapshotError, match="truncated"):
+        with ChunkReadAhead(tmp_path / "f.bin", index, ON_CUDA) as reader:
+            for _ in reader:
+                pass
+    # Closed after one chunk: the reading thread ends without being drained.
+    (tmp_path / "f.bin").write_bytes(data)
+    reader = ChunkReadAhead(tmp_path / "f.bin", index, ON_CUDA)
+    next(iter(reader))
     reader.close()
-    assert torch.equal(torch.cat(got), flat)
+    assert not reader._thread.is_alive()
 
 
 def test_a_failed_background_write_raises_its_error(tmp_path):

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``vllm checkpoint URL`` and ``vllm restore URL``: the CLI of ``POST /checkpoint`` and
-``POST /restore`` (an HTTP client; nothing of the engine is imported)."""
+"""``vllm checkpoint URL``, ``vllm restore URL`` and ``vllm snapshot-load URL NAME``: the
+CLI of ``POST /checkpoint``, ``POST /restore`` and ``POST /snapshot/load`` (an HTTP
+client; nothing of the engine is imported)."""
 
 from __future__ import annotations
 
@@ -54,9 +55,13 @@ def _summary(status: dict[str, Any]) -> str:
 class _AdminSubcommand(CLISubcommand):
     path = ""
     help = ""
+    usage = "URL [options]"
 
     def body(self, args: argparse.Namespace) -> dict[str, Any] | None:
         return None
+
+    def summary(self, out: dict[str, Any]) -> str:
+        return _summary(out)
 
     def cmd(self, args: argparse.Namespace) -> None:
         key = args.api_key or os.environ.get("VLLM_HA_ADMIN_KEY") or os.environ.get(
@@ -65,7 +70,7 @@ class _AdminSubcommand(CLISubcommand):
         if args.json or code != 200:
             print(json.dumps(out, indent=2))
         else:
-            print(_summary(out))
+            print(self.summary(out))
         if code != 200:
             print(f"vllm {self.name}: HTTP {code}: {out.get('error', out)}",
                   file=sys.stderr)
@@ -73,7 +78,7 @@ class _AdminSubcommand(CLISubcommand):
 
     def subparser_init(self, subparsers: argparse._SubParsersAction):
         parser = subparsers.add_parser(self.name, help=self.help, description=self.help,
-                                       usage=f"vllm {self.name} URL [options]")
+                                       usage=f"vllm {self.name} {self.usage}")
         parser.add_argument("url", help="The server, e.g. http://localhost:8000")
         parser.add_argument("--api-key", default=None,
                             help="Bearer token (default: $VLLM_HA_ADMIN_KEY, else "
@@ -119,8 +124,33 @@ class RestoreSubcommand(_AdminSubcommand):
     help = "Restore a checkpointed server (POST /restore); held requests are served."
 
 
+class SnapshotLoadSubcommand(_AdminSubcommand):
+    name = "snapshot-load"
+    path = "/snapshot/load"
+    usage = "URL NAME [options]"
+    help = ("Make an idle server (a warm spare) the one a snapshot was taken of (POST "
+            "/snapshot/load): weights in place, prefix cache replaced.")
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", help="The snapshot ROOT/NAME under the server's "
+                            "--snapshot-root.")
+        parser.add_argument("--no-verify", action="store_true",
+                            help="Skip the checksums of the files read.")
+        parser.add_argument("--reload-weights", action="store_true",
+                            help="Read the weights even if the server holds them already.")
+
+    def body(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"name": args.name, "verify": not args.no_verify,
+                "reload_weights": args.reload_weights}
+
+    def summary(self, out: dict[str, Any]) -> str:
+        phases = " ".join(f"{k} {v:.2f}s" for k, v in (out.get("phases_s") or {}).items())
+        return (f"loaded {out.get('name')} ({out.get('path')}): weights {out.get('weights')}, "
+                f"{out.get('kv_blocks')} KV blocks; {phases}")
+
+
 def cmd_init() -> list[CLISubcommand]:
-    return [CheckpointSubcommand(), RestoreSubcommand()]
+    return [CheckpointSubcommand(), RestoreSubcommand(), SnapshotLoadSubcommand()]
 
 
 def main(argv: list[str]) -> None:

@@ -32,7 +32,7 @@ from vllm.v1.checkpoint.driver import (
     gpu_memory_mib,
 )
 from vllm.v1.checkpoint.snapshot_manager import SnapshotConfig, SnapshotManager, on_cuda
-from vllm.v1.checkpoint.state import CheckpointLifecycle, CheckpointState
+from vllm.v1.checkpoint.state import CheckpointLifecycle, CheckpointState, CheckpointStateError
 from vllm.v1.worker.checkpoint_worker import CODECS
 
 logger = init_logger(__name__)
@@ -175,8 +175,9 @@ class CheckpointManager:
         self.lifecycle.begin(phase)  # 409 unless the state allows it
         self.metrics.set_state(self.lifecycle.state)
 
-    def _transition(self, phase: str, ok: bool, error: str | None = None) -> None:
-        self.lifecycle.finish(phase, ok=ok, error=error)
+    def _transition(self, phase: str, ok: bool, error: str | None = None,
+                    failed_to: CheckpointState | None = None) -> None:
+        self.lifecycle.finish(phase, ok=ok, error=error, failed_to=failed_to)
         self.metrics.set_state(self.lifecycle.state)
 
     # -- requests held while not serving ------------------------------------------------
@@ -372,6 +373,82 @@ class CheckpointManager:
         logger.info("Restored in %.2f s", self.phases["restore_total"])
         await self._resume_mirror()  # serving already; the standby catches up
         return self.status()
+
+    # -- a spare takes a snapshot ---------------------------------------------------------
+
+    async def load_snapshot(self, name: str, verify: bool = True,
+                            reload_weights: bool = False) -> dict[str, Any]:
+        """``POST /snapshot/load``: this idle server becomes the one the snapshot
+        ``ROOT/name`` was taken of (weights in place, prefix cache replaced), without
+        a process start, compile or CUDA-graph capture: a warm spare stands in for a
+        lost server in the time it takes to read the snapshot.
+
+        Everything that can be checked is checked first (identity, version, every
+        checksum of the files it will read): a refused load changes nothing. A load
+        that fails once the weights are being written leaves the server
+        ``load_failed`` (its weights half replaced: generation answers 503) until a
+        load succeeds."""
+        self._refuse_unsupported()
+        if self._mirror() is not None:
+            raise CheckpointCallError(
+                409, "this server mirrors its KV to a standby, which would keep the old "
+                "prefix cache: load snapshots into a server without --mirror-peer")
+        store = self.snapshots.store()
+        from vllm.v1.engine.snapshot import ha_version, identity
+
+        await self.snapshots.wait_idle()
+        t0 = time.perf_counter()
+        snap = await asyncio.to_thread(
+            store.read, name, identity(self.client.vllm_config), ha_version(), False)
+        weights = {rel: e["sha256"] for rel, e in snap.manifest["files"].items()
+                   if rel.startswith("weights/") and rel.endswith(".bin")}
+        self._begin("load")  # generation requests wait from here on
+        phases: dict[str, float] = {}
+        try:
+            in_flight = self._in_flight()
+            if in_flight:
+                raise CheckpointCallError(
+                    409, f"{in_flight} request(s) in flight: a snapshot loads into an idle "
+                    "server (a spare); retry once they finish")
+            held = not reload_weights and await self._utility("snapshot_weights_held",
+                                                              weights)
+            if verify:
+                # The files this load reads; weights it keeps are not read.
+                rels = [rel for rel in snap.manifest["files"]
+                        if not (held and rel in weights)]
+                await asyncio.to_thread(store.verify, snap, None, rels)
+            phases["verify"] = time.perf_counter() - t0
+            self.metrics.phase.labels(phase="load_verify").observe(phases["verify"])
+        except BaseException as e:
+            self._transition("load", ok=False, error=str(e))  # back as it was
+            if isinstance(e, CheckpointStateError):
+                raise CheckpointCallError(409, str(e)) from None
+            raise
+        try:
+            res = await self._utility("snapshot_load", str(snap.path), weights,
+                                      reload_weights)
+        except BaseException as e:
+            self._transition("load", ok=False, error=str(e),
+                             failed_to=CheckpointState.LOAD_FAILED)
+            logger.error("Loading snapshot %s failed; this server's weights are incomplete "
+                         "and it serves nothing until a load succeeds: %s", name, e)
+            raise
+        phases["weights"], phases["kv"] = res["weights_seconds"], res["kv_seconds"]
+        self.metrics.phase.labels(phase="load_weights").observe(res["weights_seconds"])
+        self.metrics.phase.labels(phase="load_kv").observe(res["kv_seconds"])
+        phases["total"] = time.perf_counter() - t0
+        self.snapshots.loaded(name, snap, res)
+        self._transition("load", ok=True)
+        self.snapshots.nvcomp_written |= str(snap.meta.get("codec", "")).startswith("nvcomp")
+        out = {"name": name, "path": str(snap.path), "verified": verify,
+               "weights": "kept" if res["weights_kept"] else "loaded",
+               "weights_bytes": res["weights_bytes"], "kv_blocks": res["kv"]["blocks"],
+               "kv_blocks_skipped": res["kv"]["skipped"],
+               "phases_s": {k: round(v, 4) for k, v in phases.items()}}
+        logger.info("Snapshot %s loaded in %.2f s (verify %.2f s, weights %s %.2f s, %d KV "
+                    "blocks %.2f s); serving", name, phases["total"], phases["verify"],
+                    out["weights"], phases["weights"], out["kv_blocks"], phases["kv"])
+        return out
 
     # -- status -----------------------------------------------------------------------------
 

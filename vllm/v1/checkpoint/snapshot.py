@@ -322,15 +322,18 @@ class SnapshotStore:
         return snap
 
     @staticmethod
-    def verify(snap: Snapshot, workers: int | None = None) -> None:
-        """Every file's size and every piece's sha256, pieces hashed in parallel
-        (hashlib releases the GIL)."""
+    def verify(snap: Snapshot, workers: int | None = None,
+               only: Iterable[str] | None = None) -> None:
+        """Every file's size and every piece's sha256 (``only``: of these files),
+        pieces hashed in parallel (hashlib releases the GIL)."""
         piece = snap.manifest.get("piece_bytes", PIECE_BYTES)
         if piece != PIECE_BYTES:
             raise SnapshotError(f"{snap.path}: pieces of {piece} bytes, this build "
                                 f"reads {PIECE_BYTES}")
         jobs = []
-        for rel, entry in snap.manifest["files"].items():
+        files = snap.manifest["files"]
+        for rel in (files if only is None else only):
+            entry = files[rel]
             path = snap.path / rel
             if not path.is_file():
                 raise SnapshotError(f"{path} is missing")

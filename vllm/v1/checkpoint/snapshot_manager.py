@@ -101,6 +101,8 @@ class SnapshotManager:
         self.metrics = SnapshotMetrics.get()
         self.last: dict[str, Any] | None = None
         self.last_error: str | None = None
+        # The last snapshot this engine loaded (POST /snapshot/load).
+        self.last_load: dict[str, Any] | None = None
         # The snapshot being written: name, phase (engine | files | commit), since when.
         self.writing: dict[str, Any] | None = None
         # See manager._NVCOMP_DRIVER: such a process is not driver-checkpointed.
@@ -217,6 +219,15 @@ class SnapshotManager:
                         snap.path)
             return dict(self.last)
 
+    def loaded(self, name: str, snap: Any, result: dict[str, Any]) -> None:
+        """This engine now is the one ``snap`` was taken of (``POST /snapshot/load``)."""
+        self.last_load = {"name": name, "path": str(snap.path),
+                          "created": snap.manifest.get("created"),
+                          "weights_kept": result["weights_kept"],
+                          "kv_blocks": result["kv"]["blocks"],
+                          "seconds": round(result["seconds"], 3),
+                          "at": time.time()}
+
     def _phase(self, name: str, phase: str, **extra: Any) -> None:
         """``GET /checkpoint`` shows a snapshot being written and where it is."""
         w = self.writing or {"name": name, "started": time.time()}
@@ -267,7 +278,7 @@ class SnapshotManager:
     def status(self) -> dict[str, Any]:
         return {"root": str(self.config.root) if self.config.root else None,
                 "interval_s": self.config.interval_s, "last": self.last,
-                "last_error": self.last_error,
+                "last_error": self.last_error, "loaded": self.last_load,
                 "writing": (dict(self.writing, seconds=round(time.time() -
                                                              self.writing["started"], 1))
                             if self.writing else None)}

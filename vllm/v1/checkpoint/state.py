@@ -23,6 +23,11 @@ class CheckpointState(str, enum.Enum):
     CHECKPOINTING = "checkpointing"
     CHECKPOINTED = "checkpointed"
     RESTORING = "restoring"
+    # POST /snapshot/load: a serving engine takes a snapshot's weights and prefix cache.
+    LOADING = "loading"
+    # A load failed after it began writing the weights: the engine's weights are
+    # neither its old ones nor the snapshot's; only another load gets it serving.
+    LOAD_FAILED = "load_failed"
 
 
 class CheckpointStateError(RuntimeError):
@@ -31,12 +36,14 @@ class CheckpointStateError(RuntimeError):
     http_status = 409
 
 
-# phase -> (state it starts from, state while running, state on success)
-_PHASES: dict[str, tuple[CheckpointState, CheckpointState, CheckpointState]] = {
-    "checkpoint": (CheckpointState.SERVING, CheckpointState.CHECKPOINTING,
+# phase -> (states it starts from, state while running, state on success)
+_PHASES: dict[str, tuple[tuple[CheckpointState, ...], CheckpointState, CheckpointState]] = {
+    "checkpoint": ((CheckpointState.SERVING,), CheckpointState.CHECKPOINTING,
                    CheckpointState.CHECKPOINTED),
-    "restore": (CheckpointState.CHECKPOINTED, CheckpointState.RESTORING,
+    "restore": ((CheckpointState.CHECKPOINTED,), CheckpointState.RESTORING,
                 CheckpointState.SERVING),
+    "load": ((CheckpointState.SERVING, CheckpointState.LOAD_FAILED),
+             CheckpointState.LOADING, CheckpointState.SERVING),
 }
 
 
@@ -47,33 +54,41 @@ class CheckpointLifecycle:
     last_error: str | None = None
     _phase_start: float = 0.0
     _serving: asyncio.Event | None = None
+    _started_from: CheckpointState = CheckpointState.SERVING
 
     def begin(self, phase: str) -> None:
-        start, running, _ = _PHASES[phase]
-        if self.state is not start:
+        starts, running, _ = _PHASES[phase]
+        if self.state not in starts:
             raise CheckpointStateError(
                 f"cannot {phase} while {self.state.value}: {phase} needs the server "
-                f"{start.value}")
+                f"{' or '.join(s.value for s in starts)}")
+        self._started_from = self.state
         self.state = running
         self._phase_start = time.monotonic()
         self._set_serving(False)
 
-    def finish(self, phase: str, ok: bool = True, error: str | None = None) -> None:
-        start, running, done = _PHASES[phase]
+    def finish(self, phase: str, ok: bool = True, error: str | None = None,
+               failed_to: CheckpointState | None = None) -> None:
+        """``failed_to``: where a failed phase leaves the server (default: the state
+        it started from)."""
+        _, running, done = _PHASES[phase]
         if self.state is not running:
             raise CheckpointStateError(f"no {phase} in progress (state {self.state.value})")
         self.timings_s[phase] = time.monotonic() - self._phase_start
-        self.state = done if ok else start
+        self.state = done if ok else (failed_to or self._started_from)
         self.last_error = None if ok else (error or f"{phase} failed")
-        self._set_serving(self.state is CheckpointState.SERVING)
+        # Held requests go on, or (a failed load) are answered with an error.
+        self._set_serving(self.state in (CheckpointState.SERVING,
+                                         CheckpointState.LOAD_FAILED))
 
     @property
     def accepting(self) -> bool:
         return self.state is CheckpointState.SERVING
 
     async def wait_serving(self) -> None:
-        """Return once the server serves (at once if it does)."""
-        if self.accepting:
+        """Return once the server serves, or cannot until an operator acts (a failed
+        load); at once if either is the case."""
+        if self.accepting or self.state is CheckpointState.LOAD_FAILED:
             return
         if self._serving is None:
             self._serving = asyncio.Event()

@@ -23,6 +23,7 @@ from vllm.v1.engine.snapshot import (
     KVPlan,
     SnapshotKVRestore,
     cached_block_hashes,
+    check_identity,
     identity,
     read_blocks_file,
     snapshot_dir,
@@ -37,8 +38,10 @@ from vllm.v1.worker.snapshot_worker import (
     kv_segment_files,
     rpc_snapshot_done,
     rpc_snapshot_finish,
+    rpc_snapshot_load_in_place,
     rpc_snapshot_load_kv,
     rpc_snapshot_wait,
+    rpc_snapshot_weights_held,
     rpc_snapshot_weights_linkable,
     rpc_snapshot_write,
 )
@@ -166,3 +169,45 @@ class EngineCoreCheckpointMixin:
         executor = self.model_executor  # type: ignore[attr-defined]
         SnapshotKVRestore(Path(gen), pool).run(
             lambda d, ids: executor.collective_rpc(rpc_snapshot_load_kv, args=(d, ids)))
+
+    # -- a spare takes a snapshot (POST /snapshot/load) -------------------------------
+
+    def snapshot_weights_held(self, weights: dict[str, list[str]]) -> bool:
+        """Every worker holds the weights of these files already (a previous load)."""
+        return all(self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_snapshot_weights_held, args=(weights,)))
+
+    def snapshot_load(self, gen_dir: str, weights: dict[str, list[str]],
+                      reload_weights: bool = False) -> dict[str, Any]:
+        """This serving engine, idle, becomes the one the snapshot ``gen_dir`` was taken
+        of: its weights are written in place (compiled code and CUDA graphs stay
+        valid), unless every worker loaded that weights file already (and not
+        ``reload_weights``); its prefix
+        cache is replaced by the snapshot's. ``weights``: the manifest's piece
+        checksums of every weights file."""
+        t0 = time.perf_counter()
+        scheduler = self.scheduler  # type: ignore[attr-defined]
+        if scheduler.has_requests():
+            raise RuntimeError("requests are in flight: a snapshot loads into an idle engine")
+        if getattr(scheduler, "mirror", None) is not None:
+            raise RuntimeError("this engine mirrors its KV to a standby, which would keep "
+                               "the old prefix cache: a snapshot loads into a server "
+                               "without --mirror-peer")
+        gen = Path(gen_dir)
+        check_identity(gen, self.vllm_config)  # type: ignore[attr-defined]
+        executor = self.model_executor  # type: ignore[attr-defined]
+        workers = executor.collective_rpc(rpc_snapshot_load_in_place,
+                                          args=(gen_dir, weights, reload_weights))
+        t_weights = time.perf_counter()
+        # Blocks computed with the old weights (and hashed from the old seed) go.
+        if not self.reset_prefix_cache():  # type: ignore[attr-defined]
+            raise RuntimeError("the prefix cache could not be reset")
+        self.reset_encoder_cache()  # type: ignore[attr-defined]
+        pool = scheduler.kv_cache_manager.block_pool
+        kv = SnapshotKVRestore(gen, pool).run(
+            lambda d, ids: executor.collective_rpc(rpc_snapshot_load_kv, args=(d, ids)))
+        t_end = time.perf_counter()
+        return {"weights_kept": all(w["kept"] for w in workers),
+                "weights_bytes": sum(w["bytes"] for w in workers),
+                "weights_seconds": t_weights - t0, "kv": kv,
+                "kv_seconds": t_end - t_weights, "seconds": t_end - t0}

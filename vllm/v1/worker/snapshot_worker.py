@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -172,33 +173,92 @@ class BackgroundFiles:
         return self._entries
 
 
-class ChunkFileReader:
-    """Reads chunks an index describes, into (pinned, on CUDA) host tensors."""
+def _parts(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where a chunk's stored bytes are in its file (one part raw, else one per plane)."""
+    return [entry["raw"]] if "raw" in entry else entry["planes"]
 
-    def __init__(self, path: Path, pin: bool) -> None:
-        self._f = open(path, "rb", buffering=0)
+
+def _stored_bytes(entry: dict[str, Any]) -> int:
+    return sum(p["len"] for p in _parts(entry))
+
+
+class ChunkReadAhead:
+    """Reads chunks an index describes, in the order given, into a few reusable host
+    buffers (pinned on CUDA) on a thread: the read of the next chunks overlaps the copy
+    up and the decode of this one, and pinned memory is allocated once per file, not
+    per chunk (a 128 MiB ``cudaHostAlloc`` takes longer than its copy).
+
+    Iterate to get each chunk; its buffer is reused once the next one is asked for,
+    after the device's work on it is done (the current stream is synchronised)."""
+
+    DEPTH = 3
+
+    def __init__(self, path: Path, entries: list[dict[str, Any]], pin: bool) -> None:
+        self.path = path
+        self.entries = entries
         self.pin = pin
+        size = max((_stored_bytes(e) for e in entries), default=0)
+        self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
+        for _ in range(min(self.DEPTH, len(entries))):
+            self._free.put(torch.empty(size, dtype=torch.uint8, pin_memory=pin))
+        self._ready: queue.Queue[Any] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="SnapshotRead", daemon=True)
+        self._thread.start()
 
-    def _get(self, ref: dict[str, int]) -> torch.Tensor:
-        out = torch.empty(ref["len"], dtype=torch.uint8, pin_memory=self.pin)
-        if ref["len"]:
-            self._f.seek(ref["at"])
-            got = self._f.readinto(memoryview(out.numpy()))
-            if got != ref["len"]:
-                raise SnapshotError(f"{self._f.name} is truncated")
-        return out
+    def _run(self) -> None:
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                for entry in self.entries:
+                    buf = self._free.get()
+                    if buf is None:
+                        return
+                    self._ready.put((self._read(f, entry, buf), buf))
+        except BaseException as e:  # raised where the chunk is asked for
+            self._ready.put(e)
 
-    def chunk(self, entry: dict[str, Any]) -> HostChunk:
+    def _read(self, f: Any, entry: dict[str, Any], buf: torch.Tensor) -> HostChunk:
+        views, at = [], 0
+        for ref in _parts(entry):
+            n = ref["len"]
+            view = buf[at:at + n]
+            at += n
+            if n:
+                f.seek(ref["at"])
+                if f.readinto(memoryview(view.numpy())) != n:
+                    raise SnapshotError(f"{self.path} is truncated")
+            views.append(view)
         if "raw" in entry:
-            return HostChunk(entry["offset"], entry["nbytes"], raw=self._get(entry["raw"]))
+            return HostChunk(entry["offset"], entry["nbytes"], raw=views[0])
         dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-        planes = [EncodedPlane(p["compressed"], self._get(p), p["nbytes"])
-                  for p in entry["planes"]]
+        planes = [EncodedPlane(p["compressed"], v, p["nbytes"])
+                  for p, v in zip(entry["planes"], views)]
         enc = EncodedTensor(dtype, (entry["nbytes"] // dtype.itemsize,), "", planes)
         return HostChunk(entry["offset"], entry["nbytes"], planes=enc)
 
+    def __iter__(self):
+        for _ in self.entries:
+            item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            chunk, buf = item
+            yield chunk
+            if self.pin:
+                torch.cuda.current_stream().synchronize()  # the copy up has read it
+            self._free.put(buf)
+
     def close(self) -> None:
-        self._f.close()
+        if not self._closed:
+            self._closed = True
+            for _ in range(self.DEPTH + 1):
+                self._free.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> ChunkReadAhead:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -217,6 +277,8 @@ class WorkerSnapshot(WorkerPart):
         # process wrote (these are their piece checksums, newest last; any snapshot
         # name or codec: each holds the same weights) instead of encoding them again.
         self.weights_written: list[list[str]] = []
+        # The piece checksums of the weights file loaded in place last (a spare).
+        self.weights_loaded: list[str] | None = None
         self._background: BackgroundFiles | None = None
 
     def _model(self) -> torch.nn.Module:
@@ -451,9 +513,31 @@ class WorkerSnapshot(WorkerPart):
 
     # -- load (a new process) ---------------------------------------------------
 
+    def weights_held(self, checksums: list[str]) -> bool:
+        """This process's weights are the ones a weights file with these piece
+        checksums holds (it loaded that file in place, :meth:`load_in_place`)."""
+        return self.weights_loaded is not None and self.weights_loaded == checksums
+
     @torch.inference_mode()
-    def load_weights(self, model: torch.nn.Module, gen_dir: str) -> dict[str, Any]:
-        return load_weights(model, Path(gen_dir), self.rank, self.device)
+    def load_in_place(self, gen_dir: str, checksums: list[str] | None,
+                      force: bool = False) -> dict[str, Any]:
+        """A serving process takes a snapshot's weights (``POST /snapshot/load``): each
+        tensor is overwritten where it is, so CUDA graphs and compiled code captured
+        with the old weights stay valid. ``checksums``: the weights file's piece
+        checksums from the manifest; a process that loaded that file already keeps
+        what it has (weights do not change while a server serves), unless ``force``."""
+        if not force and checksums is not None and self.weights_held(checksums):
+            return {"bytes": 0, "seconds": 0.0, "kept": True}
+        # From the first byte written the old weights are gone: whatever this process
+        # wrote before must never be linked as its weights again.
+        self.weights_written = []
+        self.weights_loaded = None
+        model = self._model()
+        out = load_weights(model, Path(gen_dir), self.rank, self.device)
+        if self.device.type == "cpu":
+            _repack_cpu_linears(model)
+        self.weights_loaded = checksums
+        return {**out, "kept": False}
 
     @torch.inference_mode()
     def load_kv(self, gen_dir: str, placements: dict[str, list[tuple[int, int]]]
@@ -475,46 +559,70 @@ class WorkerSnapshot(WorkerPart):
                                     f"this engine {len(kv)}: a different KV layout")
             rows_wanted = sorted(wanted)
             codec = codec_for(index["codec"], self.device)
-            reader = ChunkFileReader(gen / k_bin, self.device.type == "cuda")
-            try:
-                for t, entry in zip(kv, index["tensors"]):
-                    self._load_segment_tensor(t.view(num_blocks, -1), entry, rows_wanted,
-                                              codec, reader)
-            finally:
-                reader.close()
+            # Every tensor's chunks are planned (and the layout checked) before a byte
+            # is read; then read in file order, ahead of the decode.
+            work = [(t.view(num_blocks, -1), c, rows)
+                    for t, entry in zip(kv, index["tensors"])
+                    for c, rows in _segment_chunks(t.view(num_blocks, -1).shape[1], entry,
+                                                   rows_wanted)]
+            with ChunkReadAhead(gen / k_bin, [c for _, c, _ in work],
+                                self.device.type == "cuda") as reader:
+                for (blocks, c, rows), chunk in zip(work, reader):
+                    row = blocks.shape[1]
+                    staging = torch.empty(c["nbytes"], dtype=torch.uint8, device=self.device)
+                    _decode_into(codec, chunk, staging)
+                    src = torch.tensor([r - c["offset"] for r, _ in rows],
+                                       dtype=torch.long, device=self.device)
+                    dst = torch.tensor([b for _, b in rows], dtype=torch.long,
+                                       device=self.device)
+                    blocks.index_copy_(0, dst, staging.view(-1, row).index_select(0, src))
             n += len(wanted)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return {"blocks": n, "seconds": time.perf_counter() - t0}
 
-    def _load_segment_tensor(self, blocks: torch.Tensor, entry: dict[str, Any],
-                             rows_wanted: list[tuple[int, int]],
-                             codec: ByteplaneCodec | None, reader: ChunkFileReader) -> None:
-        row = blocks.shape[1]
-        if row != entry["row_bytes"]:
-            raise SnapshotError(f"a KV block is {entry['row_bytes']} bytes in the "
-                                f"snapshot, {row} here: a different KV layout")
-        i = 0
-        for c in entry["chunks"]:
-            start, rows = c["offset"], c["nbytes"] // row
-            if i < len(rows_wanted) and rows_wanted[i][0] < start:
-                break  # the chunks skip it: reported below
-            j = i
-            while j < len(rows_wanted) and rows_wanted[j][0] < start + rows:
-                j += 1
-            if i == j:
-                continue
-            staging = torch.empty(c["nbytes"], dtype=torch.uint8, device=self.device)
-            _decode_into(codec, reader.chunk(c), staging)
-            src = torch.tensor([r - start for r, _ in rows_wanted[i:j]], dtype=torch.long,
-                               device=self.device)
-            dst = torch.tensor([b for _, b in rows_wanted[i:j]], dtype=torch.long,
-                               device=self.device)
-            blocks.index_copy_(0, dst, staging.view(rows, -1).index_select(0, src))
-            i = j
-        if i < len(rows_wanted):
-            raise SnapshotError(f"KV row {rows_wanted[i][0]} is not in its segment: the "
-                                "snapshot's block list and KV files disagree")
+
+def _segment_chunks(row: int, entry: dict[str, Any], rows_wanted: list[tuple[int, int]]
+                    ) -> list[tuple[dict[str, Any], list[tuple[int, int]]]]:
+    """The chunks of one KV tensor of a segment that hold wanted rows, each with its
+    (row, target block) pairs; refuses a layout or block list that does not fit."""
+    if row != entry["row_bytes"]:
+        raise SnapshotError(f"a KV block is {entry['row_bytes']} bytes in the "
+                            f"snapshot, {row} here: a different KV layout")
+    out = []
+    i = 0
+    for c in entry["chunks"]:
+        start, rows = c["offset"], c["nbytes"] // row  # KV chunks: offset in rows
+        if i < len(rows_wanted) and rows_wanted[i][0] < start:
+            break  # the chunks skip it: reported below
+        j = i
+        while j < len(rows_wanted) and rows_wanted[j][0] < start + rows:
+            j += 1
+        if i < j:
+            out.append((c, rows_wanted[i:j]))
+        i = j
+    if i < len(rows_wanted):
+        raise SnapshotError(f"KV row {rows_wanted[i][0]} is not in its segment: the "
+                            "snapshot's block list and KV files disagree")
+    return out
+
+
+def _repack_cpu_linears(model: torch.nn.Module) -> int:
+    """The CPU build's linear layers multiply with a packed copy of their weight
+    (oneDNN or sgl-kernel) made when the model was loaded; after the weights were
+    overwritten in place they are packed again (patch 0016 kept the weights, so the
+    packing reads the new ones). Returns how many layers were packed."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    n = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        # Linear layers only: a conv weight is packed into the weight itself.
+        if (hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor)
+                and weight.ndim == 2 and weight.numel()):
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            n += 1
+    return n
 
 
 def kv_segment_files(segment: str, rank: int) -> tuple[str, str]:
@@ -524,7 +632,8 @@ def kv_segment_files(segment: str, rank: int) -> tuple[str, str]:
 
 def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.device
                  ) -> dict[str, Any]:
-    """Every tensor of ``model`` from the snapshot, by name; refuses a mismatch."""
+    """Every tensor of ``model`` from the snapshot, by name, written in place; a
+    mismatch (names, shapes, dtypes) is refused before any tensor is written."""
     t0 = time.perf_counter()
     index = json.loads((gen / f"weights/rank{rank}.json").read_text())
     codec = codec_for(index["codec"], device)
@@ -537,24 +646,23 @@ def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.dev
         raise SnapshotError(
             f"the snapshot's weights do not fit this model: {len(missing)} tensors "
             f"missing (e.g. {missing[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
-    reader = ChunkFileReader(gen / f"weights/rank{rank}.bin", device.type == "cuda")
+    work: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    for name, entry in stored.items():
+        t = tensors[name]
+        if list(t.shape) != entry["shape"] or str(t.dtype) != entry["dtype"]:
+            raise SnapshotError(
+                f"{name}: {entry['dtype']} {entry['shape']} in the snapshot, "
+                f"{t.dtype} {list(t.shape)} in this model")
+        if not t.is_contiguous():
+            raise SnapshotError(f"{name} is not contiguous in this model")
+        flat = _bytes_of(t.data)
+        work += [(flat[c["offset"]:c["offset"] + c["nbytes"]], c) for c in entry["chunks"]]
     nbytes = 0
-    try:
-        for name, entry in stored.items():
-            t = tensors[name]
-            if list(t.shape) != entry["shape"] or str(t.dtype) != entry["dtype"]:
-                raise SnapshotError(
-                    f"{name}: {entry['dtype']} {entry['shape']} in the snapshot, "
-                    f"{t.dtype} {list(t.shape)} in this model")
-            if not t.is_contiguous():
-                raise SnapshotError(f"{name} is not contiguous in this model")
-            flat = _bytes_of(t.data)
-            for c in entry["chunks"]:
-                _decode_into(codec, reader.chunk(c),
-                             flat[c["offset"]:c["offset"] + c["nbytes"]])
-                nbytes += c["nbytes"]
-    finally:
-        reader.close()
+    with ChunkReadAhead(gen / f"weights/rank{rank}.bin", [c for _, c in work],
+                        device.type == "cuda") as reader:
+        for (out, c), chunk in zip(work, reader):
+            _decode_into(codec, chunk, out)
+            nbytes += c["nbytes"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -593,3 +701,16 @@ def rpc_snapshot_wait(worker: Any) -> None:
 def rpc_snapshot_load_kv(worker: Any, gen_dir: str,
                          placements: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
     return WorkerSnapshot.of(worker).load_kv(gen_dir, placements)
+
+
+def rpc_snapshot_weights_held(worker: Any, checksums: dict[str, list[str]]) -> bool:
+    """``checksums``: rel path -> piece checksums of every rank's weights file."""
+    part = WorkerSnapshot.of(worker)
+    return part.weights_held(checksums.get(part._weights_files()[0], []))
+
+
+def rpc_snapshot_load_in_place(worker: Any, gen_dir: str, checksums: dict[str, list[str]],
+                               force: bool = False) -> dict[str, Any]:
+    part = WorkerSnapshot.of(worker)
+    return {"rank": part.rank,
+            **part.load_in_place(gen_dir, checksums.get(part._weights_files()[0]), force)}

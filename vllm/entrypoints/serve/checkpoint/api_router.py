@@ -7,6 +7,8 @@
   :class:`~vllm.v1.checkpoint.manager.CheckpointOptions`) and ``POST /restore``.
 - ``POST /snapshot {"name": NAME}``: a snapshot of the serving engine under
   ``--snapshot-root`` (docs/snapshots.md); ``--snapshot-interval`` runs it periodically.
+- ``POST /snapshot/load {"name": NAME}``: an idle server (a warm spare) becomes the one
+  the snapshot was taken of: weights in place, prefix cache replaced.
 
 Not a dev route: the API is stable and mounted on every server. Both POSTs (and the
 GET) need the admin key (:mod:`vllm.entrypoints.serve.admin_auth`). A call the state does not allow answers 409
@@ -33,7 +35,7 @@ from vllm.v1.checkpoint.manager import (
 )
 from vllm.v1.checkpoint.snapshot import SnapshotError
 from vllm.v1.checkpoint.snapshot_manager import SnapshotCallError
-from vllm.v1.checkpoint.state import CheckpointStateError
+from vllm.v1.checkpoint.state import CheckpointState, CheckpointStateError
 from vllm.v1.worker.checkpoint_worker import CODECS
 
 router = APIRouter()
@@ -103,6 +105,23 @@ async def snapshot(raw_request: Request, body: SnapshotRequest) -> JSONResponse:
                        lambda m: m.snapshot(body.name, body.codec, body.background))
 
 
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class SnapshotLoadRequest:
+    name: str
+    """The snapshot ``ROOT/NAME`` this server becomes (one path component)."""
+    verify: bool = True
+    """Check every checksum of the files the load reads before anything changes."""
+    reload_weights: bool = False
+    """Read the weights even if this server loaded that weights file already (by
+    default only the prefix cache is replaced then)."""
+
+
+@router.post("/snapshot/load")
+async def snapshot_load(raw_request: Request, body: SnapshotLoadRequest) -> JSONResponse:
+    return await _call(raw_request, lambda m: m.load_snapshot(body.name, body.verify,
+                                                               body.reload_weights))
+
+
 @router.post("/restore")
 async def restore(raw_request: Request) -> JSONResponse:
     return await _call(raw_request, lambda m: m.restore())
@@ -122,6 +141,11 @@ class CheckpointHoldMiddleware:
             manager = getattr(scope["app"].state, "ha_checkpoint", None)
             if manager is not None:
                 await manager.hold()
+                if manager.lifecycle.state is CheckpointState.LOAD_FAILED:
+                    response = _error(
+                        503, "this server's weights are incomplete after a failed POST "
+                        "/snapshot/load; it serves again once a load succeeds")
+                    return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
