@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--root", default=None, help="snapshot root (default: a temp dir)")
     p.add_argument("--log-dir", default=".")
     p.add_argument("--out", default="snapshot_restore.json")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="skip 2. and 3. (--restore-from and the restart)")
     p.add_argument("--no-spare", dest="spare", action="store_false",
                    help="skip 4. (the warm spare's POST /snapshot/load)")
     a = p.parse_args()
@@ -161,9 +163,26 @@ def main() -> None:
     result["weights_raw_bytes"], result["weights_stored_bytes"] = raw, stored
     result["weights_ratio"] = round(raw / max(stored, 1), 3)
 
+    node = tempfile.mkdtemp(prefix="ha-vllm-cache-new-node-")
+    if a.restart:
+        restore_and_restart(a, result, base, root, env, node, texts[0], ref)
+    # 4. a warm spare (started beforehand: not on the clock) loads the snapshot
+    if a.spare:
+        spare_loads(a, result, base, root, env, texts[0], ref)
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(node, ignore_errors=True)
+    if not a.root:
+        shutil.rmtree(root, ignore_errors=True)
+    report(result, raw, stored, first, inline)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def restore_and_restart(a, result: dict, base: list[str], root: str, env: dict, node: str,
+                        text: str, ref: list[int]) -> None:
+    texts = [text]
     # 2. restore from the snapshot (no model given)
     result["page_cache_dropped"] = drop_page_cache()
-    node = tempfile.mkdtemp(prefix="ha-vllm-cache-new-node-")
     restored = Serve(["--restore-from", os.path.join(root, "bench")],
                      f"{a.log_dir}/snap-restore.log", {**env, "VLLM_CACHE_ROOT": node})
     try:
@@ -191,40 +210,36 @@ def main() -> None:
         result["restart_cached_tokens"] = cached(out)
     finally:
         restart.kill()
-    # 4. a warm spare (started beforehand: not on the clock) loads the snapshot
-    if a.spare:
-        spare_loads(a, result, base, root, env, texts[0], ref)
-    shutil.rmtree(cache, ignore_errors=True)
-    shutil.rmtree(node, ignore_errors=True)
-    if not a.root:
-        shutil.rmtree(root, ignore_errors=True)
 
-    r = result
-    r["ratio_restart_vs_restore"] = round(r["restart_first_token_s"] / r["restore_first_token_s"], 2)
-    r["ratio_cold_vs_restore"] = round(r["cold_first_token_s"] / r["restore_first_token_s"], 2)
+
+def report(r: dict, raw: int, stored: int, first: dict, inline: dict) -> None:
     print(f"{'':<10}{'healthy s':>10}{'1st token s':>12}{'cached':>8}")
     print(f"{'cold':<10}{r['cold_healthy_s']:>10}{r['cold_first_token_s']:>12}{'-':>8}")
-    print(f"{'restart':<10}{r['restart_healthy_s']:>10}{r['restart_first_token_s']:>12}"
-          f"{r['restart_cached_tokens']:>8}")
-    print(f"{'restore':<10}{r['restore_healthy_s']:>10}{r['restore_first_token_s']:>12}"
-          f"{r['restore_cached_tokens']:>8}   output equal: {r['restore_output_equal']}")
-    print(f"ratio restart/restore {r['ratio_restart_vs_restore']}x, cold/restore "
-          f"{r['ratio_cold_vs_restore']}x; weights {raw / 2**30:.2f} GiB raw -> "
-          f"{stored / 2**30:.2f} GiB stored ({r['weights_ratio']}x)", flush=True)
+    if "restore_first_token_s" in r:
+        r["ratio_restart_vs_restore"] = round(
+            r["restart_first_token_s"] / r["restore_first_token_s"], 2)
+        r["ratio_cold_vs_restore"] = round(
+            r["cold_first_token_s"] / r["restore_first_token_s"], 2)
+        print(f"{'restart':<10}{r['restart_healthy_s']:>10}{r['restart_first_token_s']:>12}"
+              f"{r['restart_cached_tokens']:>8}")
+        print(f"{'restore':<10}{r['restore_healthy_s']:>10}{r['restore_first_token_s']:>12}"
+              f"{r['restore_cached_tokens']:>8}   output equal: {r['restore_output_equal']}")
+        print(f"ratio restart/restore {r['ratio_restart_vs_restore']}x, cold/restore "
+              f"{r['ratio_cold_vs_restore']}x", flush=True)
+    print(f"weights {raw / 2**30:.2f} GiB raw -> {stored / 2**30:.2f} GiB stored "
+          f"({r['weights_ratio']}x)", flush=True)
     print(f"first snapshot: engine paused {first['engine_pause_seconds']} s of "
           f"{first['seconds']} s (files written in the background); written in the "
           f"pause: {inline['engine_pause_seconds']} s; ratio "
           f"{r['pause_ratio_inline_vs_background']}x", flush=True)
-    for key in ("warm", "kept", "cold"):
+    for key in ("warm", "kept", "kept_cold", "cold"):
         sp = r.get(f"spare_{key}")
         if sp:
-            print(f"spare load ({key} page cache{', weights kept' if key == 'kept' else ''}): "
+            print(f"spare load ({key}): "
                   f"{sp['first_token_s']} s to first token (load {sp['load']['phases_s']}, "
                   f"weights {sp['load']['weights']}), cached {sp['cached_tokens']}, output "
                   f"equal: {sp['output_equal']}; cold start / this "
                   f"{r['ratio_cold_vs_spare_' + key]}x", flush=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
 
 
 def read_through(path: str) -> int:
@@ -242,9 +257,11 @@ def read_through(path: str) -> int:
 def spare_loads(a, result: dict, base: list[str], root: str, env: dict, text: str,
                 ref: list[int]) -> None:
     """``POST /snapshot/load`` into a spare (same engine flags, random weights), timed
-    from the call to the first token of a prompt cached before the kill: with the
-    snapshot in the page cache (a lost process), again (weights kept: only the prefix
-    cache is read), and with the page cache dropped (a lost node, local disk)."""
+    from the call to the first token of a prompt cached before the kill: ``warm`` with
+    the snapshot in the page cache (a lost process), ``kept`` again (the spare holds
+    these weights now: only the prefix cache is read), ``kept_cold`` the same with the
+    page cache dropped (a spare provisioned with the deployment's weights, a lost node),
+    ``cold`` everything from disk (page cache dropped, weights read again)."""
     spare = Serve([a.model, *base, "--snapshot-root", root], f"{a.log_dir}/snap-spare.log",
                   env)
     try:
@@ -254,6 +271,7 @@ def spare_loads(a, result: dict, base: list[str], root: str, env: dict, text: st
         for key, body, prepare in (
                 ("warm", {}, lambda: read_through(gen)),
                 ("kept", {}, lambda: None),
+                ("kept_cold", {}, drop_page_cache),
                 ("cold", {"reload_weights": True}, drop_page_cache)):
             prepared = prepare()
             t = time.monotonic()

@@ -112,7 +112,7 @@ if [ "$what" = bench-snapshot ]; then
   bench_model "${2:-1b}"
   python3 "$ROOT/benchmarks/snapshot_restore.py" "$model" --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096 --enable-sleep-mode" \
-    --out "$LOG/snapshot_restore_$shape.json" 2>&1 | tee "$LOG/bench-snapshot-$shape.log"
+    ${SNAPSHOT_ARGS:-} --out "$LOG/snapshot_restore_$shape.json" 2>&1 | tee "$LOG/bench-snapshot-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

@@ -143,7 +143,7 @@ def test_a_warm_spare_becomes_the_snapshotted_server(server, spare, root):
         byte = f.read(1)
         f.seek(10)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert "corrupt" in load(spare, "corrupt", 400)["error"]
+    assert "sha256 differs" in load(spare, "corrupt", 400)["error"]
     # Eight long requests (the tiny model decodes ~1 ms a token): in flight for seconds.
     outs: list[dict] = []
     decoding = [threading.Thread(target=lambda i=i: outs.append(complete(
@@ -161,10 +161,10 @@ def test_a_warm_spare_becomes_the_snapshotted_server(server, spare, root):
     assert status(spare)["state"] == "serving"
     assert tokens(complete(spare, PROMPT)) == before
 
-    # Fails mid-way (unverified, truncated weights): weights half written, so the
-    # server answers 503 instead of serving them, until a load succeeds.
-    weights_bin = root / "corrupt" / current(root, "corrupt") / "weights" / "rank0.bin"
-    os.truncate(weights_bin, weights_bin.stat().st_size // 2)
+    # Fails mid-way (unverified, a truncated KV file): the weights are written, the
+    # prefix cache is not, so the server answers 503 instead of serving, until a load
+    # succeeds (which must find every block the failed one took free again).
+    os.truncate(kv_bin, kv_bin.stat().st_size // 2)
     load(spare, "corrupt", 500, verify=False)
     assert status(spare)["state"] == "load_failed"
     r = spare.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 4})

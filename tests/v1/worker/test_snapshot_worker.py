@@ -3,6 +3,8 @@ thread, the same bytes, index and checksums; a failed background write is report
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -63,10 +65,25 @@ def test_read_ahead_reuses_its_buffers_in_any_order(tmp_path):
     w.close()
     assert len(index) > 2 * ChunkReadAhead.DEPTH
     codec = cw.make_codec("auto" if ON_CUDA else "zlib", DEVICE)
-    order = index[::-1]
-    want = read_back(tmp_path / "f.bin", index, codec)[::-1]
-    got = read_back(tmp_path / "f.bin", order, codec)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    flat = torch.cat([t.reshape(-1) for t in tensors()])
+    starts = [0]
+    for e in index[:-1]:
+        starts.append(starts[-1] + e["nbytes"])
+    want = [flat[s:s + e["nbytes"]] for s, e in zip(starts, index)]
+    got = read_back(tmp_path / "f.bin", index[::-1], codec)[::-1]
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_read_ahead_of_raw_chunks(tmp_path):
+    """Chunks stored raw are copied up without the codec's synchronisation: a buffer
+    must still not be refilled before its copy has read it."""
+    w = ChunkFileWriter(tmp_path / "r.bin")
+    flat = torch.cat([t.reshape(-1) for t in tensors()])
+    index = [w.chunk(cw._encode(None, flat[off:off + 32768], off, ON_CUDA))
+             for off in range(0, flat.numel(), 32768)]
+    w.close()
+    got = read_back(tmp_path / "r.bin", index, None)
+    assert torch.equal(torch.cat(got), flat)
 
 
 def test_read_ahead_reports_a_truncated_file_and_stops_when_closed(tmp_path):
@@ -84,8 +101,10 @@ def test_read_ahead_reports_a_truncated_file_and_stops_when_closed(tmp_path):
     (tmp_path / "f.bin").write_bytes(data)
     reader = ChunkReadAhead(tmp_path / "f.bin", index, ON_CUDA)
     next(iter(reader))
-    reader.close()
-    assert not reader._thread.is_alive()
+    closing = threading.Thread(target=reader.close, daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive() and not reader._thread.is_alive()
 
 
 def test_a_failed_background_write_raises_its_error(tmp_path):

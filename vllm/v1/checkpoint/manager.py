@@ -396,12 +396,20 @@ class CheckpointManager:
         store = self.snapshots.store()
         from vllm.v1.engine.snapshot import ha_version, identity
 
-        await self.snapshots.wait_idle()
+        # No snapshot is written while the weights change (one begun before ends
+        # first): it would record, or later link, weights this process no longer has.
+        async with self.snapshots.exclusive():
+            return await self._load_snapshot(store, name, verify, reload_weights,
+                                             identity(self.client.vllm_config),
+                                             ha_version())
+
+    async def _load_snapshot(self, store: Any, name: str, verify: bool,
+                             reload_weights: bool, ident: dict[str, Any],
+                             version: str) -> dict[str, Any]:
         t0 = time.perf_counter()
-        snap = await asyncio.to_thread(
-            store.read, name, identity(self.client.vllm_config), ha_version(), False)
+        snap = await asyncio.to_thread(store.read, name, ident, version, False)
         weights = {rel: e["sha256"] for rel, e in snap.manifest["files"].items()
-                   if rel.startswith("weights/") and rel.endswith(".bin")}
+                   if rel.startswith("weights/")}
         self._begin("load")  # generation requests wait from here on
         phases: dict[str, float] = {}
         try:
@@ -426,13 +434,16 @@ class CheckpointManager:
             raise
         try:
             res = await self._utility("snapshot_load", str(snap.path), weights,
-                                      reload_weights)
+                                      reload_weights, verify)
         except BaseException as e:
             self._transition("load", ok=False, error=str(e),
                              failed_to=CheckpointState.LOAD_FAILED)
             logger.error("Loading snapshot %s failed; this server's weights are incomplete "
                          "and it serves nothing until a load succeeds: %s", name, e)
             raise
+        if "refused" in res:  # checked by the engine and every worker: nothing changed
+            self._transition("load", ok=False, error=res["refused"])
+            raise CheckpointCallError(res["status"], res["refused"])
         phases["weights"], phases["kv"] = res["weights_seconds"], res["kv_seconds"]
         self.metrics.phase.labels(phase="load_weights").observe(res["weights_seconds"])
         self.metrics.phase.labels(phase="load_kv").observe(res["kv_seconds"])

@@ -233,6 +233,10 @@ class SnapshotManager:
         w = self.writing or {"name": name, "started": time.time()}
         self.writing = {**w, "phase": phase, **extra}
 
+    def exclusive(self) -> asyncio.Lock:
+        """Held: no snapshot is being written or starts (``async with``)."""
+        return self._lock
+
     async def wait_idle(self) -> None:
         """Until no snapshot is being written (a checkpoint must not start under one:
         its offload frees what a background write may read, and the write's host

@@ -38,6 +38,7 @@ from vllm.v1.worker.snapshot_worker import (
     kv_segment_files,
     rpc_snapshot_done,
     rpc_snapshot_finish,
+    rpc_snapshot_load_check,
     rpc_snapshot_load_in_place,
     rpc_snapshot_load_kv,
     rpc_snapshot_wait,
@@ -178,33 +179,49 @@ class EngineCoreCheckpointMixin:
             rpc_snapshot_weights_held, args=(weights,)))
 
     def snapshot_load(self, gen_dir: str, weights: dict[str, list[str]],
-                      reload_weights: bool = False) -> dict[str, Any]:
+                      reload_weights: bool = False, verified: bool = True
+                      ) -> dict[str, Any]:
         """This serving engine, idle, becomes the one the snapshot ``gen_dir`` was taken
         of: its weights are written in place (compiled code and CUDA graphs stay
         valid), unless every worker loaded that weights file already (and not
-        ``reload_weights``); its prefix
-        cache is replaced by the snapshot's. ``weights``: the manifest's piece
-        checksums of every weights file."""
+        ``reload_weights``); its prefix cache is replaced by the snapshot's.
+        ``weights``: the manifest's piece checksums of the weights files;
+        ``verified``: they were checked (only then is a load remembered).
+
+        Every check runs on every worker before anything is written; a refusal is
+        returned as ``{"refused": why, "status": 400|409}`` with nothing changed. An exception after that
+        means the load failed part way."""
         t0 = time.perf_counter()
         scheduler = self.scheduler  # type: ignore[attr-defined]
-        if scheduler.has_requests():
-            raise RuntimeError("requests are in flight: a snapshot loads into an idle engine")
-        if getattr(scheduler, "mirror", None) is not None:
-            raise RuntimeError("this engine mirrors its KV to a standby, which would keep "
-                               "the old prefix cache: a snapshot loads into a server "
-                               "without --mirror-peer")
-        gen = Path(gen_dir)
-        check_identity(gen, self.vllm_config)  # type: ignore[attr-defined]
         executor = self.model_executor  # type: ignore[attr-defined]
+        refused = None
+        if scheduler.has_requests():
+            return {"refused": "requests are in flight: a snapshot loads into an idle "
+                    "engine", "status": 409}
+        if getattr(scheduler, "mirror", None) is not None:
+            return {"refused": "this engine mirrors its KV to a standby, which would keep "
+                    "the old prefix cache: a snapshot loads into a server without "
+                    "--mirror-peer", "status": 409}
+        try:
+            check_identity(Path(gen_dir), self.vllm_config)  # type: ignore[attr-defined]
+        except SnapshotError as e:
+            refused = str(e)
+        if refused is None:
+            refused = next((r for r in executor.collective_rpc(
+                rpc_snapshot_load_check, args=(gen_dir,)) if r), None)
+        if refused is not None:
+            return {"refused": refused, "status": 400}
         workers = executor.collective_rpc(rpc_snapshot_load_in_place,
-                                          args=(gen_dir, weights, reload_weights))
+                                          args=(gen_dir, weights, reload_weights, verified))
         t_weights = time.perf_counter()
-        # Blocks computed with the old weights (and hashed from the old seed) go.
-        if not self.reset_prefix_cache():  # type: ignore[attr-defined]
+        # Blocks computed with the old weights (and hashed from the old seed) go, from
+        # a KV connector's store too.
+        if not self.reset_prefix_cache(  # type: ignore[attr-defined]
+                reset_connector=getattr(scheduler, "connector", None) is not None):
             raise RuntimeError("the prefix cache could not be reset")
         self.reset_encoder_cache()  # type: ignore[attr-defined]
         pool = scheduler.kv_cache_manager.block_pool
-        kv = SnapshotKVRestore(gen, pool).run(
+        kv = SnapshotKVRestore(Path(gen_dir), pool).run(
             lambda d, ids: executor.collective_rpc(rpc_snapshot_load_kv, args=(d, ids)))
         t_end = time.perf_counter()
         return {"weights_kept": all(w["kept"] for w in workers),

@@ -244,7 +244,13 @@ class SnapshotKVRestore:
         placements: dict[str, list[tuple[int, int]]] = {}
         for block, entry in zip(blocks, entries):
             placements.setdefault(entry["seg"], []).append((entry["row"], block.block_id))
-        write_blocks(str(self.gen), placements)
+        try:
+            write_blocks(str(self.gen), placements)
+        except BaseException:
+            # Back to the free queue unhashed: nothing of them is cached, and a later
+            # prefix-cache reset (a retried load) finds no block in use.
+            pool.free_blocks(blocks)
+            raise
         for block, entry in zip(blocks, entries):
             for h in entry["hashes"]:
                 pool._insert_block_hash(bytes.fromhex(h), block,  # type: ignore[arg-type]

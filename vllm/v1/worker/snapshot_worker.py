@@ -225,8 +225,12 @@ class ChunkReadAhead:
             at += n
             if n:
                 f.seek(ref["at"])
-                if f.readinto(memoryview(view.numpy())) != n:
-                    raise SnapshotError(f"{self.path} is truncated")
+                mem, got = memoryview(view.numpy()), 0
+                while got < n:  # a short read is legal (network file systems)
+                    k = f.readinto(mem[got:])
+                    if not k:
+                        raise SnapshotError(f"{self.path} is truncated")
+                    got += k
             views.append(view)
         if "raw" in entry:
             return HostChunk(entry["offset"], entry["nbytes"], raw=views[0])
@@ -518,14 +522,39 @@ class WorkerSnapshot(WorkerPart):
         checksums holds (it loaded that file in place, :meth:`load_in_place`)."""
         return self.weights_loaded is not None and self.weights_loaded == checksums
 
+    def weights_key(self, checksums: dict[str, list[str]]) -> list[str] | None:
+        """This rank's weights files (bytes and index) as their piece checksums."""
+        w_bin, w_idx = self._weights_files()
+        if w_bin not in checksums or w_idx not in checksums:
+            return None
+        return [*checksums[w_bin], *checksums[w_idx]]
+
+    def check_load(self, gen_dir: str) -> None:
+        """Raises SnapshotError if the snapshot's weights or KV do not fit this worker;
+        writes nothing (a load is refused before any byte changes)."""
+        load_weights(self._model(), Path(gen_dir), self.rank, self.device, check_only=True)
+        kv = unique_tensors(self._kv_caches())
+        for idx in sorted(Path(gen_dir).glob(f"kv/*.rank{self.rank}.json")):
+            index = json.loads(idx.read_text())
+            if len(index["tensors"]) != len(kv):
+                raise SnapshotError(f"the snapshot has {len(index['tensors'])} KV tensors, "
+                                    f"this engine {len(kv)}: a different KV layout")
+            num_blocks = self._num_blocks()
+            for t, entry in zip(kv, index["tensors"]):
+                if t.numel() // num_blocks != entry["row_bytes"]:
+                    raise SnapshotError(
+                        f"a KV block is {entry['row_bytes']} bytes in the snapshot, "
+                        f"{t.numel() // num_blocks} here: a different KV layout")
+
     @torch.inference_mode()
     def load_in_place(self, gen_dir: str, checksums: list[str] | None,
-                      force: bool = False) -> dict[str, Any]:
+                      force: bool = False, verified: bool = True) -> dict[str, Any]:
         """A serving process takes a snapshot's weights (``POST /snapshot/load``): each
         tensor is overwritten where it is, so CUDA graphs and compiled code captured
         with the old weights stay valid. ``checksums``: the weights file's piece
         checksums from the manifest; a process that loaded that file already keeps
-        what it has (weights do not change while a server serves), unless ``force``."""
+        what it has (weights do not change while a server serves), unless ``force``.
+        Only a load whose files were verified is remembered as holding them."""
         if not force and checksums is not None and self.weights_held(checksums):
             return {"bytes": 0, "seconds": 0.0, "kept": True}
         # From the first byte written the old weights are gone: whatever this process
@@ -536,7 +565,7 @@ class WorkerSnapshot(WorkerPart):
         out = load_weights(model, Path(gen_dir), self.rank, self.device)
         if self.device.type == "cpu":
             _repack_cpu_linears(model)
-        self.weights_loaded = checksums
+        self.weights_loaded = checksums if verified else None
         return {**out, "kept": False}
 
     @torch.inference_mode()
@@ -630,10 +659,11 @@ def kv_segment_files(segment: str, rank: int) -> tuple[str, str]:
     return f"kv/{segment}.rank{rank}.bin", f"kv/{segment}.rank{rank}.json"
 
 
-def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.device
-                 ) -> dict[str, Any]:
+def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.device,
+                 check_only: bool = False) -> dict[str, Any]:
     """Every tensor of ``model`` from the snapshot, by name, written in place; a
-    mismatch (names, shapes, dtypes) is refused before any tensor is written."""
+    mismatch (names, shapes, dtypes, codec) is refused before any tensor is written
+    (``check_only``: only that)."""
     t0 = time.perf_counter()
     index = json.loads((gen / f"weights/rank{rank}.json").read_text())
     codec = codec_for(index["codec"], device)
@@ -657,6 +687,8 @@ def load_weights(model: torch.nn.Module, gen: Path, rank: int, device: torch.dev
             raise SnapshotError(f"{name} is not contiguous in this model")
         flat = _bytes_of(t.data)
         work += [(flat[c["offset"]:c["offset"] + c["nbytes"]], c) for c in entry["chunks"]]
+    if check_only:
+        return {"bytes": 0, "seconds": time.perf_counter() - t0}
     nbytes = 0
     with ChunkReadAhead(gen / f"weights/rank{rank}.bin", [c for _, c in work],
                         device.type == "cuda") as reader:
@@ -704,13 +736,23 @@ def rpc_snapshot_load_kv(worker: Any, gen_dir: str,
 
 
 def rpc_snapshot_weights_held(worker: Any, checksums: dict[str, list[str]]) -> bool:
-    """``checksums``: rel path -> piece checksums of every rank's weights file."""
+    """``checksums``: rel path -> piece checksums of every rank's weights files."""
     part = WorkerSnapshot.of(worker)
-    return part.weights_held(checksums.get(part._weights_files()[0], []))
+    key = part.weights_key(checksums)
+    return key is not None and part.weights_held(key)
+
+
+def rpc_snapshot_load_check(worker: Any, gen_dir: str) -> str | None:
+    """Why this worker cannot load the snapshot (None: it can); nothing is written."""
+    try:
+        WorkerSnapshot.of(worker).check_load(gen_dir)
+    except (SnapshotError, OSError, ValueError, KeyError) as e:
+        return f"{type(e).__name__}: {e}" if not isinstance(e, SnapshotError) else str(e)
+    return None
 
 
 def rpc_snapshot_load_in_place(worker: Any, gen_dir: str, checksums: dict[str, list[str]],
-                               force: bool = False) -> dict[str, Any]:
+                               force: bool = False, verified: bool = True) -> dict[str, Any]:
     part = WorkerSnapshot.of(worker)
-    return {"rank": part.rank,
-            **part.load_in_place(gen_dir, checksums.get(part._weights_files()[0]), force)}
+    return {"rank": part.rank, **part.load_in_place(gen_dir, part.weights_key(checksums),
+                                                    force, verified)}
