@@ -30,6 +30,10 @@ class CheckpointState(str, enum.Enum):
     LOAD_FAILED = "load_failed"
 
 
+# States that held requests stop waiting for: served, or (a failed load) refused.
+_SETTLED = (CheckpointState.SERVING, CheckpointState.LOAD_FAILED)
+
+
 class CheckpointStateError(RuntimeError):
     """A call the current state does not allow (HTTP 409)."""
 
@@ -77,9 +81,7 @@ class CheckpointLifecycle:
         self.timings_s[phase] = time.monotonic() - self._phase_start
         self.state = done if ok else (failed_to or self._started_from)
         self.last_error = None if ok else (error or f"{phase} failed")
-        # Held requests go on, or (a failed load) are answered with an error.
-        self._set_serving(self.state in (CheckpointState.SERVING,
-                                         CheckpointState.LOAD_FAILED))
+        self._set_serving(self.state in _SETTLED)
 
     @property
     def accepting(self) -> bool:
@@ -88,7 +90,7 @@ class CheckpointLifecycle:
     async def wait_serving(self) -> None:
         """Return once the server serves, or cannot until an operator acts (a failed
         load); at once if either is the case."""
-        if self.accepting or self.state is CheckpointState.LOAD_FAILED:
+        if self.state in _SETTLED:
             return
         if self._serving is None:
             self._serving = asyncio.Event()

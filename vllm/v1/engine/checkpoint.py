@@ -189,12 +189,11 @@ class EngineCoreCheckpointMixin:
         ``verified``: they were checked (only then is a load remembered).
 
         Every check runs on every worker before anything is written; a refusal is
-        returned as ``{"refused": why, "status": 400|409}`` with nothing changed. An exception after that
-        means the load failed part way."""
+        returned as ``{"refused": why, "status": 400|409}`` with nothing changed. An
+        exception after that means the load failed part way."""
         t0 = time.perf_counter()
         scheduler = self.scheduler  # type: ignore[attr-defined]
         executor = self.model_executor  # type: ignore[attr-defined]
-        refused = None
         if scheduler.has_requests():
             return {"refused": "requests are in flight: a snapshot loads into an idle "
                     "engine", "status": 409}
@@ -205,10 +204,9 @@ class EngineCoreCheckpointMixin:
         try:
             check_identity(Path(gen_dir), self.vllm_config)  # type: ignore[attr-defined]
         except SnapshotError as e:
-            refused = str(e)
-        if refused is None:
-            refused = next((r for r in executor.collective_rpc(
-                rpc_snapshot_load_check, args=(gen_dir,)) if r), None)
+            return {"refused": str(e), "status": 400}
+        refused = next((r for r in executor.collective_rpc(
+            rpc_snapshot_load_check, args=(gen_dir,)) if r), None)
         if refused is not None:
             return {"refused": refused, "status": 400}
         workers = executor.collective_rpc(rpc_snapshot_load_in_place,

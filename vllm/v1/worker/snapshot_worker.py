@@ -535,16 +535,7 @@ class WorkerSnapshot(WorkerPart):
         load_weights(self._model(), Path(gen_dir), self.rank, self.device, check_only=True)
         kv = unique_tensors(self._kv_caches())
         for idx in sorted(Path(gen_dir).glob(f"kv/*.rank{self.rank}.json")):
-            index = json.loads(idx.read_text())
-            if len(index["tensors"]) != len(kv):
-                raise SnapshotError(f"the snapshot has {len(index['tensors'])} KV tensors, "
-                                    f"this engine {len(kv)}: a different KV layout")
-            num_blocks = self._num_blocks()
-            for t, entry in zip(kv, index["tensors"]):
-                if t.numel() // num_blocks != entry["row_bytes"]:
-                    raise SnapshotError(
-                        f"a KV block is {entry['row_bytes']} bytes in the snapshot, "
-                        f"{t.numel() // num_blocks} here: a different KV layout")
+            _check_kv_layout(json.loads(idx.read_text()), kv, self._num_blocks())
 
     @torch.inference_mode()
     def load_in_place(self, gen_dir: str, checksums: list[str] | None,
@@ -583,9 +574,7 @@ class WorkerSnapshot(WorkerPart):
                 continue
             k_bin, k_idx = kv_segment_files(segment, self.rank)
             index = json.loads((gen / k_idx).read_text())
-            if len(index["tensors"]) != len(kv):
-                raise SnapshotError(f"the snapshot has {len(index['tensors'])} KV tensors, "
-                                    f"this engine {len(kv)}: a different KV layout")
+            _check_kv_layout(index, kv, num_blocks)
             rows_wanted = sorted(wanted)
             codec = codec_for(index["codec"], self.device)
             # Every tensor's chunks are planned (and the layout checked) before a byte
@@ -611,13 +600,24 @@ class WorkerSnapshot(WorkerPart):
         return {"blocks": n, "seconds": time.perf_counter() - t0}
 
 
+def _check_kv_layout(index: dict[str, Any], kv: list[torch.Tensor], num_blocks: int
+                     ) -> None:
+    """A KV segment's index fits this engine's KV tensors (count and block size)."""
+    if len(index["tensors"]) != len(kv):
+        raise SnapshotError(f"the snapshot has {len(index['tensors'])} KV tensors, "
+                            f"this engine {len(kv)}: a different KV layout")
+    for t, entry in zip(kv, index["tensors"]):
+        if t.numel() // num_blocks != entry["row_bytes"]:
+            raise SnapshotError(f"a KV block is {entry['row_bytes']} bytes in the "
+                                f"snapshot, {t.numel() // num_blocks} here: a different "
+                                "KV layout")
+
+
 def _segment_chunks(row: int, entry: dict[str, Any], rows_wanted: list[tuple[int, int]]
                     ) -> list[tuple[dict[str, Any], list[tuple[int, int]]]]:
-    """The chunks of one KV tensor of a segment that hold wanted rows, each with its
-    (row, target block) pairs; refuses a layout or block list that does not fit."""
-    if row != entry["row_bytes"]:
-        raise SnapshotError(f"a KV block is {entry['row_bytes']} bytes in the "
-                            f"snapshot, {row} here: a different KV layout")
+    """The chunks of one KV tensor of a segment (rows of ``row`` bytes, checked by
+    :func:`_check_kv_layout`) that hold wanted rows, each with its (row, target block)
+    pairs; refuses a block list that does not fit."""
     out = []
     i = 0
     for c in entry["chunks"]:
