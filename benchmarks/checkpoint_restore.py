@@ -11,7 +11,11 @@ Each mode: release (call → GPU free), the engine's GPU memory while released (
 restore → first token of a request queued while released (its prompt was served
 before, so a kept prefix cache shows as cached tokens), whether the greedy output
 equals the reference, host memory the engine process holds while released, and for
-/checkpoint the sizes, codec and compression ratio. Writes JSON to --out.
+/checkpoint the sizes, codec and compression ratio, the residual the driver copied
+(the engine's GPU memory once the sleep-mode pool is released) and the reload's GB/s.
+``--variants ha upstream-graph-pool`` runs the modes on a second server whose CUDA graphs
+keep upstream's pool (and which pins at its first checkpoint): the residual's and the
+first checkpoint's baseline. Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ from mirror_serve import Server, prompt  # noqa: E402
 
 MODES = ("checkpoint-keep-kv", "checkpoint-keep-kv-warm", "checkpoint-drop-kv",
          "sleep", "sleep+driver", "driver-awake")
+
+
+# Server variants: (extra environment, extra serve flags).
+VARIANTS = {
+    "ha": ({}, ["--checkpoint-prepin"]),
+    "upstream-graph-pool": ({"VLLM_HA_SLEEP_GRAPH_POOL": "0"}, []),
+}
 
 
 class FirstToken(threading.Thread):
@@ -110,7 +121,8 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
     if mode.startswith("checkpoint"):
         st = post(url, "/checkpoint", {"keep_kv": "drop" not in mode})
         out.update(codec=st["codec"], ratio=st["ratio"], sizes=st["sizes"],
-                   server_phases_s=st["phases_s"])
+                   server_phases_s=st["phases_s"], residual=st.get("residual"),
+                   host_pinned_mib=st.get("host_pinned_mib"))
     elif mode.startswith("sleep"):
         post(url, "/sleep?level=1")
         if driver:
@@ -134,6 +146,7 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
         out["server_restore_phases_s"] = {k: v for k, v in st["phases_s"].items()
                                           if k in ("driver_restore", "reload", "resume",
                                                    "restore_total")}
+        out["reload_gbps"] = st.get("reload_gbps")
     else:
         if driver:
             for pid in pids:
@@ -152,6 +165,42 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
     return out
 
 
+def run_variant(variant: str, args: list[str], a: argparse.Namespace) -> dict:
+    extra_env, extra_args = VARIANTS[variant]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1",
+           **extra_env}
+    server = Server(a.model, [*args, *extra_args],
+                    os.path.join(a.log_dir, f"checkpoint-serve-{variant}.log"), env,
+                    a.timeout)
+    out: dict = {"env": extra_env, "args": extra_args,
+                 "cold_start_s": round(server.startup_s, 1), "modes": []}
+    print(f"[{variant}] cold start (process start -> /health): {server.startup_s:.1f} s",
+          flush=True)
+    try:
+        texts = [prompt(i, a.prompt_words) for i in range(a.prompts)]
+        probe = texts[0]
+        r = requests.post(server.url + "/v1/completions", json={
+            "model": "m", "prompt": probe, "max_tokens": a.output_len, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}, timeout=600)
+        r.raise_for_status()
+        ref = r.json()["choices"][0]["token_ids"]
+        out["gpu_mib_awake"] = gpu_mib(engine_pids(server))
+        out["device_used_mib_awake"] = device_mib()
+        for mode in a.modes:
+            for t in texts:  # the prefix cache holds every prompt before each mode
+                requests.post(server.url + "/v1/completions", json={
+                    "model": "m", "prompt": t, "max_tokens": 1}, timeout=600)
+            try:
+                row = run_mode(mode, server, a, ref, probe)
+            except Exception as e:
+                row = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
+            print(f"[{variant}]", json.dumps(row), flush=True)
+            out["modes"].append(row)
+    finally:
+        server.close()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -161,41 +210,23 @@ def main() -> None:
     p.add_argument("--prompt-words", type=int, default=800)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--variants", nargs="+", default=["ha"], choices=list(VARIANTS),
+                   help="servers to run the modes on, one after the other: ha (this "
+                   "distribution: CUDA graphs in the sleep-mode pool, --checkpoint-prepin), "
+                   "upstream-graph-pool (VLLM_HA_SLEEP_GRAPH_POOL=0, no prepin)")
     p.add_argument("--log-dir", default=".")
     p.add_argument("--out", default="checkpoint_restore.json")
     a = p.parse_args()
 
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1"}
     args = [*shlex.split(a.serve_args), "--enable-sleep-mode", "--enable-prefix-caching",
             "--enable-prompt-tokens-details"]
-    server = Server(a.model, args, os.path.join(a.log_dir, "checkpoint-serve.log"), env,
-                    a.timeout)
     result: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "host": platform.node(), "model": a.model, "serve_args": args,
-                    "cold_start_s": round(server.startup_s, 1), "modes": []}
-    print(f"cold start (process start -> /health): {server.startup_s:.1f} s", flush=True)
-    try:
-        texts = [prompt(i, a.prompt_words) for i in range(a.prompts)]
-        probe = texts[0]
-        r = requests.post(server.url + "/v1/completions", json={
-            "model": "m", "prompt": probe, "max_tokens": a.output_len, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True}, timeout=600)
-        r.raise_for_status()
-        ref = r.json()["choices"][0]["token_ids"]
-        result["gpu_mib_awake"] = gpu_mib(engine_pids(server))
-        result["device_used_mib_awake"] = device_mib()
-        for mode in a.modes:
-            for t in texts:  # the prefix cache holds every prompt before each mode
-                requests.post(server.url + "/v1/completions", json={
-                    "model": "m", "prompt": t, "max_tokens": 1}, timeout=600)
-            try:
-                row = run_mode(mode, server, a, ref, probe)
-            except Exception as e:
-                row = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
-            print(json.dumps(row), flush=True)
-            result["modes"].append(row)
-    finally:
-        server.close()
+                    "variants": {}}
+    for variant in a.variants:
+        result["variants"][variant] = run_variant(variant, args, a)
+    first = result["variants"][a.variants[0]]
+    result.update(cold_start_s=first["cold_start_s"], modes=first["modes"])
     rows = {r["mode"]: r for r in result["modes"]}
     best = rows.get("checkpoint-keep-kv-warm") or rows.get("checkpoint-keep-kv") or {}
     base = rows.get("sleep+driver") or {}
@@ -205,14 +236,19 @@ def main() -> None:
     if best.get("restore_to_first_token_s"):
         result["ratio_first_token_vs_cold_start"] = round(
             result["cold_start_s"] / best["restore_to_first_token_s"], 1)
-    print(f"{'mode':<26}{'release s':>10}{'GPU MiB':>9}{'restore->1st tok s':>20}"
-          f"{'cached':>8}{'equal':>7}{'host GiB':>10}")
-    for r in result["modes"]:
-        print(f"{r['mode']:<26}{r.get('release_s', '-')!s:>10}"
-              f"{r.get('gpu_mib_released', '-')!s:>9}"
-              f"{r.get('restore_to_first_token_s', r.get('error', '-'))!s:>20}"
-              f"{r.get('cached_tokens', '-')!s:>8}{r.get('output_equal', '-')!s:>7}"
-              f"{r.get('host_rss_gib_released', '-')!s:>10}")
+    print(f"{'variant':<20}{'mode':<26}{'release s':>10}{'residual MiB':>13}"
+          f"{'driver restore s':>17}{'reload s':>9}{'reload GB/s':>12}"
+          f"{'restore->1st tok s':>20}{'cached':>8}{'equal':>7}{'host GiB':>10}")
+    for variant, v in result["variants"].items():
+        for r in v["modes"]:
+            phases = r.get("server_restore_phases_s") or {}
+            print(f"{variant:<20}{r['mode']:<26}{r.get('release_s', '-')!s:>10}"
+                  f"{(r.get('residual') or {}).get('gpu_mib', '-')!s:>13}"
+                  f"{phases.get('driver_restore', '-')!s:>17}"
+                  f"{phases.get('reload', '-')!s:>9}{r.get('reload_gbps', '-')!s:>12}"
+                  f"{r.get('restore_to_first_token_s', r.get('error', '-'))!s:>20}"
+                  f"{r.get('cached_tokens', '-')!s:>8}{r.get('output_equal', '-')!s:>7}"
+                  f"{r.get('host_rss_gib_released', '-')!s:>10}")
     for k in ("ratio_first_token_vs_sleep_driver", "ratio_first_token_vs_cold_start"):
         if k in result:
             print(f"{k}: {result[k]}")

@@ -7,7 +7,8 @@
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh mirror    (the mirror e2e test on CUDA)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh failover  (the failover e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
-#   MODES="..." bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b  (benchmarks/checkpoint_restore.py)
+#   MODES="..." VARIANTS="ha upstream-graph-pool" bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b
+#                                                             (benchmarks/checkpoint_restore.py)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh snapshot  (the snapshot e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh bench-snapshot 1b|8b     (benchmarks/snapshot_restore.py)
 set -uo pipefail
@@ -62,7 +63,8 @@ fi
 if [ "$what" = checkpoint ]; then
   python3 -m pytest -v -p no:cacheprovider tests/entrypoints/serve/test_checkpoint.py \
     tests/entrypoints/serve/test_checkpoint_mirror.py \
-    tests/v1/worker/test_checkpoint_worker.py 2>&1 | tee "$LOG/pytest-checkpoint.log"
+    tests/v1/worker/test_checkpoint_worker.py tests/v1/checkpoint/test_graph_pool.py \
+    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$LOG/pytest-checkpoint.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = mirror ]; then
@@ -98,7 +100,8 @@ if [ "$what" = bench-checkpoint ]; then
   bench_model "${2:-1b}"
   python3 "$ROOT/benchmarks/checkpoint_restore.py" "$model" --log-dir "$LOG" \
     --serve-args "--load-format dummy --dtype bfloat16 --gpu-memory-utilization $util --max-model-len 4096" \
-    ${MODES:+--modes $MODES} --out "$LOG/checkpoint_restore_$shape.json" \
+    ${MODES:+--modes $MODES} ${VARIANTS:+--variants $VARIANTS} \
+    --out "$LOG/checkpoint_restore_$shape.json" \
     2>&1 | tee "$LOG/bench-checkpoint-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi

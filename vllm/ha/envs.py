@@ -65,3 +65,11 @@ def resume_key() -> str | None:
     engines it starts): what proves that a request's resumed output was sent by
     failover, not by a client (``extra_args`` reach the engine from any request)."""
     return os.environ.get("VLLM_HA_RESUME_KEY") or None
+
+
+def sleep_graph_pool() -> bool:
+    """``VLLM_HA_SLEEP_GRAPH_POOL=0``: CUDA graphs keep upstream's graph pool instead
+    of a pool of the sleep-mode allocator (``vllm/v1/checkpoint/graph_pool.py``), so
+    a sleep or a ``/checkpoint`` leaves their memory on the GPU (the benchmarks'
+    baseline; a way back if a graph misbehaves after a wake)."""
+    return os.environ.get("VLLM_HA_SLEEP_GRAPH_POOL", "1") != "0"

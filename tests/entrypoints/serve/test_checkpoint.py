@@ -24,11 +24,12 @@ BLOCK = 16
 ADMIN_KEY = "test-admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ARGS = ["--max-model-len", "1024", "--max-num-batched-tokens", "1024", "--max-num-seqs", "16",
-        "--enforce-eager", "--enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--served-model-name", "tiny", "--block-size", str(BLOCK),
-        "--num-gpu-blocks-override", "256"]
+        "--num-gpu-blocks-override", "256", "--checkpoint-prepin"]
+# CUDA: graphs and torch.compile on, as served; their pool is released with the rest.
 ARGS += (["--dtype", "bfloat16", "--gpu-memory-utilization", "0.2", "--enable-sleep-mode"]
-         if ON_CUDA else ["--dtype", "float32"])
+         if ON_CUDA else ["--dtype", "float32", "--enforce-eager"])
 PROMPT = "The checkpoint keeps every block of this prompt: " + "one two three four " * 12
 
 
@@ -135,6 +136,16 @@ def test_cycle_keeps_output_and_prefix_cache(server):
     if ON_CUDA:
         assert st["gpu_released"] and st["gpu_memory_mib"] == 0, st
         released_used = st["gpu_device_used_mib"]
+        # The CUDA graphs' pool went with the sleep-mode pool, not to the driver's copy.
+        residual = st["residual"]
+        assert residual["graph_pool_released_mib"] > 0, residual
+        assert 0 < residual["gpu_mib"] < 4096, residual
+        # The image sits in the pinned arena (pinned at start by --checkpoint-prepin).
+        stored = st["sizes"]["weights_stored"] + st["sizes"]["kv_stored"]
+        assert st["host_pinned_mib"] << 20 >= stored, st
+    else:
+        assert st["host_pinned_mib"] == 0, st
+        assert st["residual"]["graph_pool_released_mib"] == 0, st["residual"]
     # Calls the state does not allow.
     r = server.post("/checkpoint", {}, headers=AUTH)
     assert r.status_code == 409 and "while checkpointed" in r.json()["error"]
@@ -142,6 +153,7 @@ def test_cycle_keeps_output_and_prefix_cache(server):
     assert 'vllm:checkpoint_state{state="checkpointed"} 1.0' in metrics
     st = restore(server)
     assert st["state"] == "serving" and {"reload", "restore_total"} <= set(st["phases_s"])
+    assert st["reload_gbps"] > 0, st
     if ON_CUDA:  # NVML sees the engine again: the 0 MiB above was not a blind spot
         assert st["gpu_memory_mib"] > 100, st
         assert st["gpu_device_used_mib"] > released_used + 100, (released_used, st)

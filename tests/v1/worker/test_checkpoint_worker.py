@@ -107,6 +107,61 @@ def test_cpu_offload_zeroes_and_restore_brings_every_kept_byte_back(codec):
         ckpt.restore()
 
 
+@pytest.mark.parametrize("codec", CODECS)
+def test_write_back_decodes_each_chunk_into_its_target_then_runs_its_follow_up(
+        codec, monkeypatch):
+    # The CUDA path uploads chunk i+1 while chunk i decodes; the CPU path one by one.
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 8192)
+    region = bf16_weights(5 * 4096 + 3).view(torch.uint8)[:-1]  # an odd last chunk
+    c = cw.make_codec(codec, DEVICE)
+    chunks = [cw._encode(c, chunk, off, pin=ON_CUDA) for off, chunk in cw._chunks(region)]
+    out = torch.zeros_like(region)
+    followed: list[tuple[int, torch.Tensor]] = []
+    jobs = (cw.WriteBack(ch, lambda ch=ch: out[ch.offset:ch.offset + ch.nbytes],
+                         lambda t, ch=ch: followed.append((ch.offset, t.clone())))
+            for ch in chunks)
+    assert cw.write_back(c, jobs, DEVICE) == region.numel()
+    assert torch.equal(out, region)
+    # Each follow-up saw its own chunk's decoded bytes, in order.
+    assert [off for off, _ in followed] == [ch.offset for ch in chunks]
+    for (off, t), ch in zip(followed, chunks):
+        assert torch.equal(t, region[off:off + ch.nbytes])
+    assert cw.write_back(c, iter(()), DEVICE) == 0
+
+
+def test_restore_reports_the_bytes_it_wrote():
+    worker = cpu_worker()
+    ckpt = cw.WorkerCheckpoint(worker)
+    out = ckpt.offload([0, 3], "zlib")
+    back = ckpt.restore()
+    assert back["raw_bytes"] == out["weights_raw"] + out["kv_raw"]
+    assert back["gbps"] > 0 and set(back["seconds"]) == {"map", "weights", "kv"}
+    assert out["graph_pool_released"] == 0 and out["torch_reserved_kept"] == 0
+
+
+def test_host_arena_packs_planes_into_segments_and_reuses_them(monkeypatch):
+    monkeypatch.setattr(cw.HostArena, "SEGMENT_BYTES", 64 << 10)
+    arena = cw.HostArena(pin=ON_CUDA)
+    views = [arena.take(n) for n in (20000, 20000, 20000, 5000, 30000)]
+    # 4 KiB aligned: three 20000-byte planes fill 60 KiB of the first 64 KiB segment,
+    # the 5000 (8 KiB aligned) starts the second, the 30000 follows it.
+    assert arena.capacity == 2 * (64 << 10) and len(arena.segments) == 2
+    bases = [seg.data_ptr() for seg in arena.segments]
+    for v, n in zip(views, (20000, 20000, 20000, 5000, 30000)):
+        base = max(b for b in bases if b <= v.data_ptr())
+        assert v.numel() == n and (v.data_ptr() - base) % arena.ALIGN == 0
+        assert v.is_pinned() == ON_CUDA
+    ends = sorted((v.data_ptr(), v.data_ptr() + v.numel()) for v in views)
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no two overlap
+    big = arena.take(100 << 10)  # larger than a segment: a segment of its own
+    assert big.numel() == 100 << 10 and len(arena.segments) == 3
+    arena.reset()
+    assert arena.take(20000).data_ptr() == views[0].data_ptr()  # reused, not re-pinned
+    assert len(arena.segments) == 3
+    arena.reserve(arena.capacity + 1)
+    assert len(arena.segments) == 4
+
+
 def test_offload_is_chunked(monkeypatch):
     monkeypatch.setattr(cw, "CHUNK_BYTES", 256)
     worker = cpu_worker()

@@ -32,6 +32,7 @@ from vllm.v1.engine.snapshot import (
 from vllm.v1.worker.checkpoint_worker import (
     rpc_checkpoint_offload,
     rpc_checkpoint_plan,
+    rpc_checkpoint_prepin,
     rpc_checkpoint_restore,
 )
 from vllm.v1.worker.snapshot_worker import (
@@ -73,7 +74,14 @@ class EngineCoreCheckpointMixin:
             rpc_checkpoint_plan, args=(blocks,))
         return {"kv_blocks": len(blocks),
                 "weights_raw": sum(p["weights_raw"] for p in plans),
-                "kv_raw": sum(p["kv_raw"] for p in plans)}
+                "kv_raw": sum(p["kv_raw"] for p in plans),
+                "host_pinned": sum(p.get("host_pinned", 0) for p in plans)}
+
+    def checkpoint_prepin(self, fraction: float) -> dict[str, Any]:
+        """Every worker pins host memory for its next checkpoint image now."""
+        workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_checkpoint_prepin, args=(fraction,))
+        return {"workers": workers}
 
     def checkpoint_offload(self, keep_kv: bool, codec: str) -> dict[str, Any]:
         """Every worker moves its weights (and the KV blocks in use) to host memory and

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -130,6 +131,9 @@ class DeviceMemory(Protocol):
 
     def reacquire(self) -> None: ...
 
+    def graph_pool_bytes(self) -> int:
+        """Bytes of CUDA-graph pool a release gives up (graph_pool.py)."""
+
 
 class _DevicePointer:
     """A raw device range as an array torch can view without copying."""
@@ -169,6 +173,12 @@ class SleepAllocatorMemory:
                 keep.append(torch.as_tensor(_DevicePointer(ptr, size), device=self.device))
         return keep
 
+    def graph_pool_bytes(self) -> int:
+        from vllm.v1.checkpoint.graph_pool import GRAPH_TAG
+
+        return sum(d.handle[1] for d in self.allocator.pointer_to_data.values()
+                   if d.tag == GRAPH_TAG)
+
     def release(self, kv_caches: list[torch.Tensor]) -> None:
         # Nothing is offloaded by the allocator: the bytes worth keeping are already
         # in host memory, compressed.
@@ -191,6 +201,9 @@ class TensorMemory:
         tensors += [t for _, t in self.model.named_buffers(remove_duplicate=False)]
         return unique_tensors(t for t in tensors if t.numel())
 
+    def graph_pool_bytes(self) -> int:
+        return 0
+
     def release(self, kv_caches: list[torch.Tensor]) -> None:
         for t in self.regions(kv_caches) + unique_tensors(kv_caches):
             t.zero_()
@@ -199,11 +212,66 @@ class TensorMemory:
         pass
 
 
+class HostArena:
+    """Pinned host memory for checkpoint images, kept for the process's next one
+    (``pin=False``: the same packing in plain memory).
+
+    torch's pinned allocator rounds each allocation up to a power of two (a 24 MiB
+    exponent plane holds 32 MiB: the ~8B image of 11.5 GiB held 14.7 GiB on the H100
+    host) and pins at ~1.3 GiB/s (11 s of a process's first checkpoint). Planes are
+    packed into segments instead, pinned once per process, or at server start
+    (``--checkpoint-prepin``), so even the first checkpoint only copies.
+    """
+
+    SEGMENT_BYTES = 1 << 30
+    ALIGN = 4096
+
+    def __init__(self, pin: bool = True) -> None:
+        self.pin = pin
+        self.segments: list[torch.Tensor] = []
+        self._seg = 0
+        self._off = 0
+
+    @property
+    def capacity(self) -> int:
+        return sum(s.numel() for s in self.segments)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of pinned memory, valid until :meth:`reset`."""
+        need = -(-nbytes // self.ALIGN) * self.ALIGN
+        while True:
+            if self._seg == len(self.segments):
+                self.segments.append(self._pin(max(self.SEGMENT_BYTES, need)))
+            seg = self.segments[self._seg]
+            if self._off + need <= seg.numel():
+                view = seg[self._off:self._off + nbytes]
+                self._off += need
+                return view
+            self._seg, self._off = self._seg + 1, 0
+
+    def reserve(self, nbytes: int) -> None:
+        while self.capacity < nbytes:
+            self.segments.append(self._pin(self.SEGMENT_BYTES))
+
+    def reset(self) -> None:
+        """Every view taken so far is free again (the image that held them is gone)."""
+        self._seg = self._off = 0
+
+    def _pin(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+
+def _host(nbytes: int, pin: bool, arena: HostArena | None) -> torch.Tensor:
+    if arena is not None:
+        return arena.take(nbytes)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
 def _encode(codec: ByteplaneCodec | None, chunk: torch.Tensor, offset: int,
-            pin: bool) -> HostChunk:
+            pin: bool, arena: HostArena | None = None) -> HostChunk:
     n = chunk.numel()
     if codec is None:
-        host = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+        host = _host(n, pin, arena)
         host.copy_(chunk, non_blocking=pin)
         return HostChunk(offset, n, raw=host)
     # Two planes (sign+exponent, mantissa) for the 16-bit data that dominates weights
@@ -211,7 +279,7 @@ def _encode(codec: ByteplaneCodec | None, chunk: torch.Tensor, offset: int,
     view = chunk.view(torch.int16) if n % 2 == 0 else chunk
     enc = codec.encode(view)
     for p in enc.planes:
-        host = torch.empty(p.data.numel(), dtype=torch.uint8, pin_memory=pin)
+        host = _host(p.data.numel(), pin, arena)
         host.copy_(p.data, non_blocking=pin)
         p.data = host
     _settle(chunk)
@@ -225,18 +293,88 @@ def _settle(t: torch.Tensor) -> None:
         torch.cuda.synchronize(t.device)
 
 
-def _decode_into(codec: ByteplaneCodec | None, chunk: HostChunk, out: torch.Tensor) -> None:
+def _upload(chunk: HostChunk, device: torch.device) -> list[torch.Tensor]:
+    """The chunk's stored bytes on ``device`` (asynchronous from pinned memory)."""
     if chunk.planes is None:
-        out.copy_(chunk.raw, non_blocking=True)
+        return [chunk.raw.to(device, non_blocking=True)]
+    return [p.data.to(device, non_blocking=True) for p in chunk.planes.planes]
+
+
+def _decode(codec: ByteplaneCodec | None, chunk: HostChunk, parts: list[torch.Tensor],
+            out: torch.Tensor) -> None:
+    """Uploaded stored bytes -> the chunk's original bytes in ``out``."""
+    if chunk.planes is None:
+        out.copy_(parts[0])
         return
-    enc = chunk.planes
-    size = len(enc.planes)
+    planes = chunk.planes.planes
+    size = len(planes)
     cols = out.view(-1, size)
-    for i, p in enumerate(enc.planes):
-        data = p.data.to(out.device, non_blocking=True)
+    for i, (p, data) in enumerate(zip(planes, parts)):
         plane = codec.codec.decode(data, p.nbytes) if p.compressed else data
         cols[:, size - 1 - i].copy_(plane)
+
+
+def _decode_into(codec: ByteplaneCodec | None, chunk: HostChunk, out: torch.Tensor) -> None:
+    """One chunk, synchronously (snapshots: their chunks arrive one read at a time)."""
+    _decode(codec, chunk, _upload(chunk, out.device), out)
     _settle(out)
+
+
+@dataclass
+class WriteBack:
+    """One chunk to write back: where its bytes go, and what follows their decode."""
+
+    chunk: HostChunk
+    target: Callable[[], torch.Tensor]
+    then: Callable[[torch.Tensor], None] | None = None
+
+
+def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
+               device: torch.device) -> int:
+    """Decode every job's chunk into its target; returns the raw bytes written.
+
+    On CUDA the upload of chunk i+1 (PCIe, a side stream) runs while chunk i decodes:
+    the copy of the compressed bytes, not the decode, bounds a restore (the decode
+    runs at ~190 GB/s on the H100, PCIe at ~50), so each chunk costs the longer of
+    the two instead of their sum.
+    """
+    written = 0
+    if device.type != "cuda":
+        for job in jobs:
+            out = job.target()
+            _decode(codec, job.chunk, _upload(job.chunk, device), out)
+            if job.then is not None:
+                job.then(out)
+            written += job.chunk.nbytes
+        return written
+    side = torch.cuda.Stream(device)
+
+    def upload(job: WriteBack) -> tuple[WriteBack, list[torch.Tensor], torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            parts = _upload(job.chunk, device)
+            done = torch.cuda.Event()
+            done.record(side)
+        return job, parts, done
+
+    it = iter(jobs)
+    job = next(it, None)
+    nxt = upload(job) if job is not None else None
+    while nxt is not None:
+        job, parts, done = nxt
+        # The host waits for this chunk's bytes whatever stream nvCOMP decodes on.
+        done.synchronize()
+        following = next(it, None)
+        nxt = upload(following) if following is not None else None
+        out = job.target()
+        _decode(codec, job.chunk, parts, out)
+        if job.then is not None:
+            job.then(out)
+        # nvCOMP frees its outputs outside torch's stream-ordered allocator, and the
+        # side stream's buffers are freed on this one: settle before they go.
+        _settle(out)
+        written += job.chunk.nbytes
+        del parts, out
+    return written
 
 
 def _chunks(region: torch.Tensor):
@@ -281,6 +419,8 @@ class WorkerCheckpoint(WorkerPart):
         self.image: HostImage | None = None
         self._memory: DeviceMemory | None = None
         self._codec: ByteplaneCodec | None = None
+        # CUDA only: the CPU build's image is plain memory, returned after a restore.
+        self.arena = HostArena() if self.device.type == "cuda" else None
 
     def _make_memory(self) -> DeviceMemory:
         if self.device.type == "cuda":
@@ -294,7 +434,19 @@ class WorkerCheckpoint(WorkerPart):
         kv = unique_tensors(kv_caches)
         num_blocks = self._num_blocks()
         per_block = sum(t.numel() // num_blocks for t in kv) if num_blocks else 0
-        return {"weights_raw": weights, "kv_raw": per_block * len(kv_block_ids)}
+        return {"weights_raw": weights, "kv_raw": per_block * len(kv_block_ids),
+                "host_pinned": self.arena.capacity if self.arena is not None else 0}
+
+    def prepin(self, fraction: float) -> dict[str, Any]:
+        """Pin host memory for ``fraction`` of the weights' raw bytes now (server
+        start), so the first checkpoint does not pin while the engine is paused."""
+        if self.arena is None:
+            return {"pid": os.getpid(), "host_pinned": 0, "seconds": 0.0}
+        t0 = time.perf_counter()
+        weights = sum(r.numel() for r in self._make_memory().regions(self._kv_caches()))
+        self.arena.reserve(int(weights * fraction))
+        return {"pid": os.getpid(), "host_pinned": self.arena.capacity,
+                "seconds": time.perf_counter() - t0}
 
     @torch.inference_mode()
     def offload(self, kv_block_ids: list[int], codec_name: str) -> dict[str, Any]:
@@ -309,24 +461,14 @@ class WorkerCheckpoint(WorkerPart):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         kv_caches = self._kv_caches()
-        for region in memory.regions(kv_caches):
-            image.weights.append((region.data_ptr(), [
-                _encode(codec, c, off, pin) for off, c in _chunks(region)]))
-        t_weights = time.perf_counter()
-        if kv_block_ids:
-            ids = torch.tensor(kv_block_ids, dtype=torch.long, device=self.device)
-            num_blocks = self._num_blocks()
-            for t in unique_tensors(kv_caches):
-                blocks = t.view(num_blocks, -1)
-                rows = max(1, CHUNK_BYTES // blocks.shape[1])
-                chunks = []
-                for start in range(0, len(kv_block_ids), rows):
-                    gathered = blocks.index_select(0, ids[start:start + rows]).view(-1)
-                    chunks.append(_encode(codec, gathered, start, pin))
-                image.kv.append(chunks)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            t_weights = self._encode_image(image, memory, codec, kv_caches, pin)
+        except BaseException:
+            if self.arena is not None:
+                self.arena.reset()
+            raise
         t_kv = time.perf_counter()
+        graph_pool = memory.graph_pool_bytes()
         memory.release(kv_caches)
         gc.collect()
         if self.device.type == "cuda":
@@ -343,9 +485,39 @@ class WorkerCheckpoint(WorkerPart):
             t_release - t0)
         return {"pid": os.getpid(), "device": str(self.device), "codec": image.codec,
                 "releases_memory": memory.releases_memory, **sizes,
-                "kv_blocks": len(kv_block_ids),
+                "kv_blocks": len(kv_block_ids), "graph_pool_released": graph_pool,
+                "host_pinned": self.arena.capacity if self.arena is not None else 0,
+                # What the process keeps on the device outside the released pool
+                # (torch's own allocations); the driver checkpoint copies it.
+                "torch_reserved_kept": (torch.cuda.memory_reserved(self.device)
+                                        if self.device.type == "cuda" else 0),
                 "seconds": {"weights": t_weights - t0, "kv": t_kv - t_weights,
                             "release": t_release - t_kv}}
+
+    def _encode_image(self, image: HostImage, memory: DeviceMemory,
+                      codec: ByteplaneCodec | None, kv_caches: list[torch.Tensor],
+                      pin: bool) -> float:
+        """Weights (and the KV blocks named) into ``image``; returns when the weights
+        were done."""
+        arena = self.arena
+        for region in memory.regions(kv_caches):
+            image.weights.append((region.data_ptr(), [
+                _encode(codec, c, off, pin, arena) for off, c in _chunks(region)]))
+        t_weights = time.perf_counter()
+        if image.kv_block_ids:
+            ids = torch.tensor(image.kv_block_ids, dtype=torch.long, device=self.device)
+            num_blocks = self._num_blocks()
+            for t in unique_tensors(kv_caches):
+                blocks = t.view(num_blocks, -1)
+                rows = max(1, CHUNK_BYTES // blocks.shape[1])
+                chunks = []
+                for start in range(0, len(image.kv_block_ids), rows):
+                    gathered = blocks.index_select(0, ids[start:start + rows]).view(-1)
+                    chunks.append(_encode(codec, gathered, start, pin, arena))
+                image.kv.append(chunks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return t_weights
 
     @torch.inference_mode()
     def restore(self) -> dict[str, Any]:
@@ -356,34 +528,51 @@ class WorkerCheckpoint(WorkerPart):
         memory.reacquire()
         t_map = time.perf_counter()
         regions = {r.data_ptr(): r for r in memory.regions(self._kv_caches())}
-        for ptr, chunks in image.weights:
-            region = regions.get(ptr)
-            if region is None:
+        for ptr, _ in image.weights:
+            if ptr not in regions:
                 raise CheckpointWorkerError(f"weights region at {ptr:#x} is gone")
-            for c in chunks:
-                _decode_into(codec, c, region[c.offset:c.offset + c.nbytes])
+
+        def region_slice(region: torch.Tensor, c: HostChunk) -> Callable[[], torch.Tensor]:
+            return lambda: region[c.offset:c.offset + c.nbytes]
+
+        weights_raw = write_back(codec, (
+            WriteBack(c, region_slice(regions[ptr], c))
+            for ptr, chunks in image.weights for c in chunks), self.device)
         # Every byte of the pool is back (KV blocks below), so upstream's
         # post_kv_cache_wake_up (which re-zeroes fp8 KV and resets its scales) must not
         # run: it would undo the restore.
         t_weights = time.perf_counter()
+        kv_raw = 0
         if image.kv_block_ids:
             num_blocks = self._num_blocks()
             ids = torch.tensor(image.kv_block_ids, dtype=torch.long, device=self.device)
-            for t, chunks in zip(unique_tensors(self._kv_caches()), image.kv):
-                blocks = t.view(num_blocks, -1)
-                for c in chunks:
-                    rows = c.nbytes // blocks.shape[1]
-                    staging = torch.empty(c.nbytes, dtype=torch.uint8, device=self.device)
-                    _decode_into(codec, c, staging)
-                    blocks.index_copy_(0, ids[c.offset:c.offset + rows],
-                                       staging.view(rows, -1))
+
+            def kv_jobs():
+                for t, chunks in zip(unique_tensors(self._kv_caches()), image.kv):
+                    blocks = t.view(num_blocks, -1)
+                    for c in chunks:
+                        rows = c.nbytes // blocks.shape[1]
+
+                        def scatter(staging: torch.Tensor, blocks=blocks, c=c,
+                                    rows=rows) -> None:
+                            blocks.index_copy_(0, ids[c.offset:c.offset + rows],
+                                               staging.view(rows, -1))
+
+                        yield WriteBack(c, lambda c=c: torch.empty(
+                            c.nbytes, dtype=torch.uint8, device=self.device), scatter)
+
+            kv_raw = write_back(codec, kv_jobs(), self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_kv = time.perf_counter()
         self.image = self._memory = self._codec = None
-        return {"pid": os.getpid(), "seconds": {"map": t_map - t0,
-                                                "weights": t_weights - t_map,
-                                                "kv": t_kv - t_weights}}
+        if self.arena is not None:
+            self.arena.reset()
+        seconds = t_kv - t_map
+        return {"pid": os.getpid(), "raw_bytes": weights_raw + kv_raw,
+                "gbps": round((weights_raw + kv_raw) / seconds / 1e9, 2) if seconds else None,
+                "seconds": {"map": t_map - t0, "weights": t_weights - t_map,
+                            "kv": t_kv - t_weights}}
 
 
 # -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
@@ -400,3 +589,7 @@ def rpc_checkpoint_offload(worker: Any, kv_block_ids: list[int], codec: str
 
 def rpc_checkpoint_restore(worker: Any) -> dict[str, Any]:
     return WorkerCheckpoint.of(worker).restore()
+
+
+def rpc_checkpoint_prepin(worker: Any, fraction: float) -> dict[str, Any]:
+    return WorkerCheckpoint.of(worker).prepin(fraction)

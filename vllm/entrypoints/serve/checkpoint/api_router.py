@@ -156,14 +156,18 @@ def attach_router(app: FastAPI) -> None:
 
 
 def _start_with_server(app: FastAPI) -> None:
-    """``--snapshot-interval``: the periodic snapshots run while the server does
-    (wrapped around upstream's lifespan, which starts after the engine is up)."""
+    """``--snapshot-interval``: the periodic snapshots run while the server does;
+    ``--checkpoint-prepin`` pins before the server takes requests (wrapped around
+    upstream's lifespan, which starts after the engine is up)."""
     upstream = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async with upstream(app) as state:
             manager = _manager(app)
+            if manager is not None and getattr(getattr(app.state, "args", None),
+                                               "checkpoint_prepin", False):
+                await manager.prepin()
             if manager is not None:
                 manager.snapshots.start_periodic(lambda: manager.lifecycle.accepting)
             try:
