@@ -323,9 +323,7 @@ class CheckpointManager:
         self.residual = {
             "gpu_mib": gpu_memory_mib(self.pids),
             "graph_pool_released_mib": sum(w.get("graph_pool_released", 0)
-                                           for w in workers) >> 20,
-            "torch_reserved_mib": sum(w.get("torch_reserved_kept", 0)
-                                      for w in workers) >> 20}
+                                           for w in workers) >> 20}
         for part in ("weights", "kv"):
             for form in ("raw", "stored"):
                 self.metrics.host_bytes.labels(part=part, form=form).set(

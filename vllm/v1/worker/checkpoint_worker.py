@@ -56,9 +56,8 @@ _CODECS: dict[tuple[str, str], ByteplaneCodec] = {}
 def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
     """``auto``: nvCOMP ANS on CUDA (the fastest decode at the best ratio measured on
     the H100, benchmarks/RESULTS.md "byte-plane compression"), zlib on CPU. ``none``:
-    bytes are stored raw. One codec per kind and device for the process: a second
-    live nvCOMP codec (a snapshot's next to the checkpoint's) made the driver's restore
-    of the checkpointed process fail on the H100 (CUDA_ERROR_UNKNOWN)."""
+    bytes are stored raw. One codec per kind and device at a time (a snapshot's and a
+    checkpoint's share it), and none across a driver checkpoint: see drop_codecs."""
     key = (name, str(device))
     if key not in _CODECS:
         codec = _make_codec(name, device)
@@ -66,6 +65,17 @@ def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
             return None
         _CODECS[key] = codec
     return _CODECS[key]
+
+
+def drop_codecs() -> None:
+    """Destroy every nvCOMP codec of the process. Found on the H100 (driver 580): a
+    process that holds a live nvCOMP codec when the driver checkpoints it fails the
+    driver's restore (CUDA_ERROR_UNKNOWN, and the process is lost); the same process
+    with its codecs destroyed first restores (scripts' probe, benchmarks/RESULTS.md
+    "tenth session"). A checkpoint drops them before the release and makes a new one
+    to decode after the restore."""
+    _CODECS.clear()
+    gc.collect()
 
 
 def _make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
@@ -418,7 +428,7 @@ class WorkerCheckpoint(WorkerPart):
         super().__init__(worker)
         self.image: HostImage | None = None
         self._memory: DeviceMemory | None = None
-        self._codec: ByteplaneCodec | None = None
+        self._codec_name: str | None = None
         # CUDA only: the CPU build's image is plain memory, returned after a restore.
         self.arena = HostArena() if self.device.type == "cuda" else None
 
@@ -474,7 +484,10 @@ class WorkerCheckpoint(WorkerPart):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         t_release = time.perf_counter()
-        self.image, self._memory, self._codec = image, memory, codec
+        self.image, self._memory, self._codec_name = image, memory, codec_name
+        del codec
+        if memory.releases_memory:
+            drop_codecs()
         sizes = image.sizes()
         logger.info(
             "Checkpoint: %.2f GiB of weights -> %.2f GiB, %d KV blocks %.2f -> %.2f GiB "
@@ -487,10 +500,6 @@ class WorkerCheckpoint(WorkerPart):
                 "releases_memory": memory.releases_memory, **sizes,
                 "kv_blocks": len(kv_block_ids), "graph_pool_released": graph_pool,
                 "host_pinned": self.arena.capacity if self.arena is not None else 0,
-                # What the process keeps on the device outside the released pool
-                # (torch's own allocations); the driver checkpoint copies it.
-                "torch_reserved_kept": (torch.cuda.memory_reserved(self.device)
-                                        if self.device.type == "cuda" else 0),
                 "seconds": {"weights": t_weights - t0, "kv": t_kv - t_weights,
                             "release": t_release - t_kv}}
 
@@ -523,7 +532,9 @@ class WorkerCheckpoint(WorkerPart):
     def restore(self) -> dict[str, Any]:
         if self.image is None or self._memory is None:
             raise CheckpointWorkerError("this worker is not checkpointed")
-        image, memory, codec = self.image, self._memory, self._codec
+        image, memory = self.image, self._memory
+        # A new codec: the offload's was destroyed before the driver checkpoint.
+        codec = make_codec(self._codec_name or "none", self.device)
         t0 = time.perf_counter()
         memory.reacquire()
         t_map = time.perf_counter()
@@ -565,7 +576,7 @@ class WorkerCheckpoint(WorkerPart):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_kv = time.perf_counter()
-        self.image = self._memory = self._codec = None
+        self.image = self._memory = self._codec_name = None
         if self.arena is not None:
             self.arena.reset()
         seconds = t_kv - t_map
