@@ -7,6 +7,7 @@ tests/entrypoints/serve/test_checkpoint.py."""
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -160,6 +161,45 @@ def test_host_arena_packs_planes_into_segments_and_reuses_them(monkeypatch):
     assert len(arena.segments) == 3
     arena.reserve(arena.capacity + 1)
     assert len(arena.segments) == 4
+
+
+def test_drop_codecs_destroys_them_or_refuses():
+    c = cw.make_codec("zlib", DEVICE)
+    assert cw.make_codec("zlib", DEVICE) is c  # cached while nothing drops it
+    with pytest.raises(cw.CheckpointWorkerError, match="still referenced"):
+        cw.drop_codecs()  # ``c`` holds it: a driver restore of this process would fail
+    del c
+    weak = weakref.ref(cw.make_codec("zlib", DEVICE))
+    cw.drop_codecs()
+    assert weak() is None
+
+
+def test_a_failed_restore_releases_again_and_a_retry_restores_every_byte(monkeypatch):
+    worker = cpu_worker()
+    model, kv = worker.model_runner.model, worker.model_runner.kv_caches[0]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    kv_before = kv.clone()
+    ckpt = cw.WorkerCheckpoint(worker)
+    ckpt.offload(list(range(NUM_BLOCKS)), "zlib")
+    real = cw.write_back
+    calls = []
+
+    def fail_on_kv(codec, jobs, device):
+        calls.append(1)
+        if len(calls) == 2:  # weights written, then the KV write fails
+            raise RuntimeError("out of memory for the KV staging")
+        return real(codec, jobs, device)
+
+    monkeypatch.setattr(cw, "write_back", fail_on_kv)
+    with pytest.raises(RuntimeError, match="KV staging"):
+        ckpt.restore()
+    # Released again (the CPU build zeroes), still checkpointed: the retry starts over.
+    assert ckpt.image is not None
+    assert all(not v.any() for v in model.state_dict().values()) and not kv.any()
+    ckpt.restore()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert torch.equal(kv, kv_before)
 
 
 def test_offload_is_chunked(monkeypatch):

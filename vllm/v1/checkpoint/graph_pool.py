@@ -7,21 +7,29 @@ is what the driver checkpoint copies to host memory at ``/checkpoint`` and back 
 shape on the H100, benchmarks/RESULTS.md). Of that residual the graph pool is the part
 that grows with the model and the number of captured sizes.
 
-A graph pool's bytes never need to survive a sleep: a capture records kernels and
-runs none, so every byte of the pool is written by the replay that reads it. The pool
-is therefore a ``torch.cuda.MemPool`` of the sleep-mode allocator (``CuMemAllocator``)
-under its own tag, discarded like the KV cache when the engine sleeps, and mapped
-again, at the same virtual addresses, when it wakes: the captured graphs stay valid
-and nothing is re-captured. Upstream's ``/sleep`` gains the same release.
+The assumption this rests on: a graph pool's bytes need not survive a sleep. A capture
+records kernels and runs none, and vLLM warms every shape up eagerly before capturing
+it, so buffers a kernel sets up once (and later replays read) are made outside the
+pool; every byte in it is written by the replay that reads it. Checked end to end on
+the H100 with the default attention backend (FlashAttention) of the Llama shapes:
+greedy output identical after a checkpoint cycle. The pool is therefore a
+``torch.cuda.MemPool`` of the sleep-mode allocator (``CuMemAllocator``) under its own
+tag, discarded like the KV cache when the engine sleeps, and mapped again, at the same
+virtual addresses, when it wakes: the captured graphs stay valid and nothing is
+re-captured. Upstream's ``/sleep`` gains the same release. Should a backend keep
+capture-time state in the pool, ``VLLM_HA_SLEEP_GRAPH_POOL=0`` keeps upstream's pool.
 
-Not done with tensor parallelism and custom all-reduce: that registers the graphs'
-buffers for CUDA IPC, which the allocator's ``cuMemCreate`` memory does not support.
-``VLLM_HA_SLEEP_GRAPH_POOL=0`` keeps upstream's graph pool.
+Only for one worker (TP = PP = 1): custom all-reduce registers the graphs' buffers for
+CUDA IPC, which the allocator's ``cuMemCreate`` memory does not support, and NCCL's
+own graph registration is untested with it. Not with expandable segments either
+(upstream's sleep-mode pools turn them off around their allocations; a capture cannot).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
@@ -46,13 +54,14 @@ def graph_pool_skip_reason(vllm_config: VllmConfig) -> str | None:
         return "VLLM_HA_SLEEP_GRAPH_POOL=0"
     if not current_platform.is_cuda():
         return "not a CUDA device"
-    if not vllm_config.model_config.enable_cumem_allocator:
-        return "no sleep-mode allocator (--enable-sleep-mode)"
+    if not vllm_config.model_config.enable_sleep_mode:
+        return "no sleep mode (--enable-sleep-mode)"
     if vllm_config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
         return "no CUDA graphs"
-    parallel = vllm_config.parallel_config
-    if parallel.world_size > 1 and not parallel.disable_custom_all_reduce:
-        return "custom all-reduce registers graph buffers for CUDA IPC"
+    if vllm_config.parallel_config.world_size > 1:
+        return "more than one worker (custom all-reduce and NCCL register graph buffers)"
+    if "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return "expandable segments (PYTORCH_CUDA_ALLOC_CONF)"
     return None
 
 
@@ -93,10 +102,14 @@ def capture_graphs_into_sleep_pool(vllm_config: VllmConfig) -> bool:
     return True
 
 
-def tags_to_wake(tags: list[str] | None) -> list[str] | None:
-    """The tags a wake-up maps: any wake-up maps the graph pool too, so a wake of
-    ``weights`` then ``kv_cache`` (upstream's RLHF flow) never leaves the graphs
-    without memory."""
+def tags_to_wake(tags: list[str] | None,
+                 allocations: Mapping[int, Any]) -> list[str] | None:
+    """The tags a wake-up maps: the first wake-up after a sleep, whatever its tags,
+    maps the graph pool too, so a wake of ``weights`` then ``kv_cache`` (upstream's
+    RLHF flow) never leaves the graphs without memory, and never maps it twice (the
+    allocator maps every allocation of a tag it is given, asleep or not)."""
     if tags is None or GRAPH_TAG in tags:
         return tags
-    return [*tags, GRAPH_TAG]
+    if any(d.tag == GRAPH_TAG and d.is_asleep for d in allocations.values()):
+        return [*tags, GRAPH_TAG]
+    return tags

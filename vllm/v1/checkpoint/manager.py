@@ -39,15 +39,18 @@ logger = init_logger(__name__)
 
 
 
-# Measured on the H100 (driver 580.159.04): once a process has written a snapshot
-# compressed with nvCOMP, the driver's restore of that process fails
-# (CUDA_ERROR_UNKNOWN), while nvCOMP in the checkpoint's own offload does not. Until
-# that is understood, the two are never combined: nothing may leave a server stuck
-# checkpointed.
 # --checkpoint-prepin pins this fraction of the weights' raw bytes: what byte-plane ANS
-# leaves of bf16 weights (0.67x on the H100); a larger image pins the rest on demand.
+# leaves of bf16 weights (0.67x on the H100); a larger image (the KV blocks kept, other
+# codecs) pins the rest during the checkpoint.
 PREPIN_FRACTION = 0.7
 
+# Measured on the H100 (driver 580.159.04): once a process had written a snapshot
+# compressed with nvCOMP, the driver's restore of that process failed
+# (CUDA_ERROR_UNKNOWN). The cause found since (tenth session): any nvCOMP codec alive
+# in the process at the driver checkpoint, which the snapshot's cached codec was; the
+# checkpoint now destroys every codec first (checkpoint_worker.drop_codecs). Until a
+# GPU run shows snapshot + release working, the two stay apart: nothing may leave a
+# server stuck checkpointed.
 _NVCOMP_DRIVER = (
     "this process wrote an nvCOMP-compressed snapshot, after which the driver restore "
     "fails (CUDA_ERROR_UNKNOWN on driver 580): use release_gpu=false, or write "
@@ -348,7 +351,13 @@ class CheckpointManager:
         """``--checkpoint-prepin``: pin the host memory of a checkpoint image at server
         start, so even the first ``/checkpoint`` releases the GPU in seconds."""
         t0 = time.perf_counter()
-        result = await self._utility("checkpoint_prepin", PREPIN_FRACTION)
+        try:
+            result = await self._utility("checkpoint_prepin", PREPIN_FRACTION)
+        except Exception as e:
+            # Serving matters more than a faster first checkpoint.
+            logger.error("--checkpoint-prepin: nothing pinned (%s); the first "
+                         "checkpoint pins while the engine is paused", e)
+            return
         pinned = sum(w["host_pinned"] for w in result["workers"])
         self.host_pinned = pinned
         logger.info("Pinned %.1f GiB of host memory for checkpoints in %.1f s "

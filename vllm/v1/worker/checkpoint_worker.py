@@ -11,7 +11,8 @@ device memory is released:
 - CUDA: the sleep-mode allocator (``--enable-sleep-mode``) unmaps every allocation of
   its pool but keeps the virtual addresses, so CUDA graphs and compiled kernels stay
   valid; restore maps them again and writes the bytes back. What remains on the GPU
-  (context, graph pools, workspaces) is what the driver checkpoint then copies.
+  (context, workspaces; CUDA graphs' memory too when it is not in the pool,
+  :mod:`vllm.v1.checkpoint.graph_pool`) is what the driver checkpoint then copies.
 - CPU: nothing to release; the tensors are zeroed instead, so a restore that failed to
   write a byte back could not go unnoticed (the CPU build tests this path).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,14 +70,22 @@ def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
 
 
 def drop_codecs() -> None:
-    """Destroy every nvCOMP codec of the process. Found on the H100 (driver 580): a
-    process that holds a live nvCOMP codec when the driver checkpoints it fails the
-    driver's restore (CUDA_ERROR_UNKNOWN, and the process is lost); the same process
-    with its codecs destroyed first restores (scripts' probe, benchmarks/RESULTS.md
-    "tenth session"). A checkpoint drops them before the release and makes a new one
-    to decode after the restore."""
+    """Destroy every codec of the process (nvCOMP's with them). Found on the H100
+    (driver 580): a process that holds a live nvCOMP codec when the driver checkpoints
+    it fails the driver's restore (CUDA_ERROR_UNKNOWN, and the process is lost); the
+    same process with its codecs destroyed first restores
+    (tests/gpu/driver_nvcomp_probe.py, benchmarks/RESULTS.md "tenth session"). A
+    checkpoint drops them before the release and makes a new one after the restore.
+    Raises if one outlives the drop (something still holds it), so the checkpoint
+    stops before the release instead of losing the process at the restore."""
+    alive = [weakref.ref(c) for c in _CODECS.values()]
     _CODECS.clear()
     gc.collect()
+    held = [r() for r in alive if r() is not None]
+    if held:
+        raise CheckpointWorkerError(
+            f"a codec ({held[0].codec.name}) is still referenced; the driver could not "
+            "restore this process, so the GPU is not released")
 
 
 def _make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
@@ -311,23 +321,33 @@ def _upload(chunk: HostChunk, device: torch.device) -> list[torch.Tensor]:
 
 
 def _decode(codec: ByteplaneCodec | None, chunk: HostChunk, parts: list[torch.Tensor],
-            out: torch.Tensor) -> None:
-    """Uploaded stored bytes -> the chunk's original bytes in ``out``."""
+            out: torch.Tensor) -> list[torch.Tensor]:
+    """Uploaded stored bytes -> the chunk's original bytes in ``out``. Returns the
+    decoded planes: nvCOMP frees them outside torch's stream order, so the caller
+    keeps them until the copies out of them have run (``_settle``)."""
     if chunk.planes is None:
         out.copy_(parts[0])
-        return
+        return []
     planes = chunk.planes.planes
     size = len(planes)
     cols = out.view(-1, size)
+    decoded = []
     for i, (p, data) in enumerate(zip(planes, parts)):
         plane = codec.codec.decode(data, p.nbytes) if p.compressed else data
         cols[:, size - 1 - i].copy_(plane)
+        decoded.append(plane)
+    return decoded
 
 
 def _decode_into(codec: ByteplaneCodec | None, chunk: HostChunk, out: torch.Tensor) -> None:
     """One chunk, synchronously (snapshots: their chunks arrive one read at a time)."""
-    _decode(codec, chunk, _upload(chunk, out.device), out)
+    if chunk.planes is None:
+        out.copy_(chunk.raw, non_blocking=True)
+        _settle(out)
+        return
+    decoded = _decode(codec, chunk, _upload(chunk, out.device), out)
     _settle(out)
+    del decoded
 
 
 @dataclass
@@ -352,7 +372,7 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
     if device.type != "cuda":
         for job in jobs:
             out = job.target()
-            _decode(codec, job.chunk, _upload(job.chunk, device), out)
+            _decode_into(codec, job.chunk, out)
             if job.then is not None:
                 job.then(out)
             written += job.chunk.nbytes
@@ -376,14 +396,14 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
         following = next(it, None)
         nxt = upload(following) if following is not None else None
         out = job.target()
-        _decode(codec, job.chunk, parts, out)
+        decoded = _decode(codec, job.chunk, parts, out)
         if job.then is not None:
             job.then(out)
         # nvCOMP frees its outputs outside torch's stream-ordered allocator, and the
         # side stream's buffers are freed on this one: settle before they go.
         _settle(out)
         written += job.chunk.nbytes
-        del parts, out
+        del parts, out, decoded
     return written
 
 
@@ -479,15 +499,20 @@ class WorkerCheckpoint(WorkerPart):
             raise
         t_kv = time.perf_counter()
         graph_pool = memory.graph_pool_bytes()
+        del codec
+        if memory.releases_memory:
+            try:
+                drop_codecs()
+            except BaseException:
+                if self.arena is not None:
+                    self.arena.reset()
+                raise
         memory.release(kv_caches)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         t_release = time.perf_counter()
         self.image, self._memory, self._codec_name = image, memory, codec_name
-        del codec
-        if memory.releases_memory:
-            drop_codecs()
         sizes = image.sizes()
         logger.info(
             "Checkpoint: %.2f GiB of weights -> %.2f GiB, %d KV blocks %.2f -> %.2f GiB "
@@ -528,16 +553,10 @@ class WorkerCheckpoint(WorkerPart):
             torch.cuda.synchronize(self.device)
         return t_weights
 
-    @torch.inference_mode()
-    def restore(self) -> dict[str, Any]:
-        if self.image is None or self._memory is None:
-            raise CheckpointWorkerError("this worker is not checkpointed")
-        image, memory = self.image, self._memory
-        # A new codec: the offload's was destroyed before the driver checkpoint.
-        codec = make_codec(self._codec_name or "none", self.device)
-        t0 = time.perf_counter()
-        memory.reacquire()
-        t_map = time.perf_counter()
+    def _write_back_image(self, image: HostImage, memory: DeviceMemory,
+                          codec: ByteplaneCodec | None) -> tuple[int, int, float]:
+        """Every byte of ``image`` back where it came from; returns the raw bytes of
+        weights and KV written and when the weights were done."""
         regions = {r.data_ptr(): r for r in memory.regions(self._kv_caches())}
         for ptr, _ in image.weights:
             if ptr not in regions:
@@ -575,6 +594,29 @@ class WorkerCheckpoint(WorkerPart):
             kv_raw = write_back(codec, kv_jobs(), self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return weights_raw, kv_raw, t_weights
+
+    @torch.inference_mode()
+    def restore(self) -> dict[str, Any]:
+        if self.image is None or self._memory is None:
+            raise CheckpointWorkerError("this worker is not checkpointed")
+        image, memory = self.image, self._memory
+        # A new codec: the offload's was destroyed before the driver checkpoint.
+        codec = make_codec(self._codec_name or "none", self.device)
+        t0 = time.perf_counter()
+        memory.reacquire()
+        t_map = time.perf_counter()
+        try:
+            weights_raw, kv_raw, t_weights = self._write_back_image(image, memory, codec)
+        except BaseException:
+            # Unmapped again, as before this call: a retried /restore maps the pool
+            # afresh (mapping an allocation that is mapped fails) and writes it all.
+            try:
+                memory.release(self._kv_caches())
+            except Exception:
+                logger.exception("Restore failed and the pool could not be released "
+                                 "again; a retry may fail too")
+            raise
         t_kv = time.perf_counter()
         self.image = self._memory = self._codec_name = None
         if self.arena is not None:
