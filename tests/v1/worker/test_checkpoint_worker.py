@@ -202,6 +202,20 @@ def test_a_failed_restore_releases_again_and_a_retry_restores_every_byte(monkeyp
     assert torch.equal(kv, kv_before)
 
 
+def test_abort_restores_a_worker_that_offloaded_and_leaves_one_that_did_not():
+    worker = cpu_worker()
+    model = worker.model_runner.model
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = cw.WorkerCheckpoint(worker)
+    assert ckpt.abort()["restored"] is False  # nothing offloaded: nothing to undo
+    ckpt.offload([0], "zlib")
+    assert all(not v.any() for v in model.state_dict().values())
+    assert ckpt.abort()["restored"] is True
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert ckpt.image is None
+
+
 def test_offload_is_chunked(monkeypatch):
     monkeypatch.setattr(cw, "CHUNK_BYTES", 256)
     worker = cpu_worker()

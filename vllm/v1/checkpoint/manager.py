@@ -311,6 +311,11 @@ class CheckpointManager:
         try:
             result = await self._utility("checkpoint_offload", opts.keep_kv, opts.codec)
         except BaseException:
+            try:  # with TP > 1 the workers that did offload restore
+                await self._utility("checkpoint_abort")
+            except Exception:
+                logger.exception("Checkpoint failed and could not be undone on every "
+                                 "worker")
             await self.client.resume_generation()
             raise
         t = self._phase("offload", t)

@@ -30,6 +30,7 @@ from vllm.v1.engine.snapshot import (
     write_blocks_file,
 )
 from vllm.v1.worker.checkpoint_worker import (
+    rpc_checkpoint_abort,
     rpc_checkpoint_offload,
     rpc_checkpoint_plan,
     rpc_checkpoint_prepin,
@@ -102,6 +103,13 @@ class EngineCoreCheckpointMixin:
         workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
             rpc_checkpoint_offload, args=(blocks, codec))
         return {"kv_blocks": len(blocks), "workers": workers}
+
+    def checkpoint_abort(self) -> dict[str, Any]:
+        """After an offload that failed on some worker: the workers that offloaded
+        restore, the others have nothing to undo."""
+        workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
+            rpc_checkpoint_abort)
+        return {"workers": workers}
 
     def checkpoint_restore(self) -> dict[str, Any]:
         """Every worker maps its device memory again and writes the bytes back."""

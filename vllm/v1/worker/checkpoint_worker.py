@@ -596,6 +596,13 @@ class WorkerCheckpoint(WorkerPart):
             torch.cuda.synchronize(self.device)
         return weights_raw, kv_raw, t_weights
 
+    def abort(self) -> dict[str, Any]:
+        """After a checkpoint that failed on another worker: this one restores if it
+        had offloaded (with TP > 1 the others may have released their memory)."""
+        if self.image is None:
+            return {"pid": os.getpid(), "restored": False}
+        return {**self.restore(), "restored": True}
+
     @torch.inference_mode()
     def restore(self) -> dict[str, Any]:
         if self.image is None or self._memory is None:
@@ -642,6 +649,10 @@ def rpc_checkpoint_offload(worker: Any, kv_block_ids: list[int], codec: str
 
 def rpc_checkpoint_restore(worker: Any) -> dict[str, Any]:
     return WorkerCheckpoint.of(worker).restore()
+
+
+def rpc_checkpoint_abort(worker: Any) -> dict[str, Any]:
+    return WorkerCheckpoint.of(worker).abort()
 
 
 def rpc_checkpoint_prepin(worker: Any, fraction: float) -> dict[str, Any]:
