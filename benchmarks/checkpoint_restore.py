@@ -43,6 +43,8 @@ MODES = ("checkpoint-keep-kv", "checkpoint-keep-kv-warm", "checkpoint-drop-kv",
 VARIANTS = {
     "ha": ({}, ["--checkpoint-prepin"]),
     "upstream-graph-pool": ({"VLLM_HA_SLEEP_GRAPH_POOL": "0"}, []),
+    # The image in 512 MiB chunks: a restore pays a fixed cost per chunk.
+    "chunk-512": ({"VLLM_HA_CHECKPOINT_CHUNK_MIB": "512"}, ["--checkpoint-prepin"]),
 }
 
 
@@ -213,7 +215,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["ha"], choices=list(VARIANTS),
                    help="servers to run the modes on, one after the other: ha (this "
                    "distribution: CUDA graphs in the sleep-mode pool, --checkpoint-prepin), "
-                   "upstream-graph-pool (VLLM_HA_SLEEP_GRAPH_POOL=0, no prepin)")
+                   "upstream-graph-pool (VLLM_HA_SLEEP_GRAPH_POOL=0, no prepin), chunk-512 "
+                   "(ha with the image in 512 MiB chunks)")
     p.add_argument("--log-dir", default=".")
     p.add_argument("--out", default="checkpoint_restore.json")
     a = p.parse_args()

@@ -216,6 +216,23 @@ def test_abort_restores_a_worker_that_offloaded_and_leaves_one_that_did_not():
     assert ckpt.image is None
 
 
+def test_checkpoint_chunk_size_follows_the_environment(monkeypatch):
+    worker = cpu_worker()
+    kv = worker.model_runner.kv_caches[0]
+    before = kv.clone()
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 256)  # the default: 2 blocks per chunk
+    monkeypatch.setenv("VLLM_HA_CHECKPOINT_CHUNK_MIB", "1")
+    ckpt = cw.WorkerCheckpoint(worker)
+    ckpt.offload(list(range(NUM_BLOCKS)), "zlib")
+    assert cw._checkpoint_chunk_bytes() == 1 << 20
+    assert len(ckpt.image.kv[0]) == 1  # one 1 MiB chunk instead of NUM_BLOCKS // 2
+    ckpt.restore()
+    assert torch.equal(kv, before)
+    monkeypatch.setenv("VLLM_HA_CHECKPOINT_CHUNK_MIB", "0")
+    with pytest.raises(ValueError, match="VLLM_HA_CHECKPOINT_CHUNK_MIB"):
+        cw._checkpoint_chunk_bytes()
+
+
 def test_offload_is_chunked(monkeypatch):
     monkeypatch.setattr(cw, "CHUNK_BYTES", 256)
     worker = cpu_worker()

@@ -407,9 +407,16 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
     return written
 
 
-def _chunks(region: torch.Tensor):
-    for off in range(0, region.numel(), CHUNK_BYTES):
-        yield off, region[off:off + CHUNK_BYTES]
+def _checkpoint_chunk_bytes() -> int:
+    from vllm.ha import envs as ha_envs
+
+    return ha_envs.checkpoint_chunk_bytes() or CHUNK_BYTES
+
+
+def _chunks(region: torch.Tensor, size: int | None = None):
+    size = size or CHUNK_BYTES
+    for off in range(0, region.numel(), size):
+        yield off, region[off:off + size]
 
 
 class WorkerPart:
@@ -534,16 +541,18 @@ class WorkerCheckpoint(WorkerPart):
         """Weights (and the KV blocks named) into ``image``; returns when the weights
         were done."""
         arena = self.arena
+        chunk_bytes = _checkpoint_chunk_bytes()
         for region in memory.regions(kv_caches):
             image.weights.append((region.data_ptr(), [
-                _encode(codec, c, off, pin, arena) for off, c in _chunks(region)]))
+                _encode(codec, c, off, pin, arena)
+                for off, c in _chunks(region, chunk_bytes)]))
         t_weights = time.perf_counter()
         if image.kv_block_ids:
             ids = torch.tensor(image.kv_block_ids, dtype=torch.long, device=self.device)
             num_blocks = self._num_blocks()
             for t in unique_tensors(kv_caches):
                 blocks = t.view(num_blocks, -1)
-                rows = max(1, CHUNK_BYTES // blocks.shape[1])
+                rows = max(1, chunk_bytes // blocks.shape[1])
                 chunks = []
                 for start in range(0, len(image.kv_block_ids), rows):
                     gathered = blocks.index_select(0, ids[start:start + rows]).view(-1)
