@@ -480,8 +480,7 @@ class WorkerCheckpoint(WorkerPart):
         if self.arena is None:
             return {"pid": os.getpid(), "host_pinned": 0, "seconds": 0.0}
         t0 = time.perf_counter()
-        weights = sum(r.numel() for r in self._make_memory().regions(self._kv_caches()))
-        self.arena.reserve(int(weights * fraction))
+        self.arena.reserve(int(self.plan([])["weights_raw"] * fraction))
         return {"pid": os.getpid(), "host_pinned": self.arena.capacity,
                 "seconds": time.perf_counter() - t0}
 
@@ -500,20 +499,16 @@ class WorkerCheckpoint(WorkerPart):
         kv_caches = self._kv_caches()
         try:
             t_weights = self._encode_image(image, memory, codec, kv_caches, pin)
+            t_kv = time.perf_counter()
+            del codec
+            if memory.releases_memory:
+                drop_codecs()
         except BaseException:
+            # Nothing released yet: the image is dropped and its arena space free.
             if self.arena is not None:
                 self.arena.reset()
             raise
-        t_kv = time.perf_counter()
         graph_pool = memory.graph_pool_bytes()
-        del codec
-        if memory.releases_memory:
-            try:
-                drop_codecs()
-            except BaseException:
-                if self.arena is not None:
-                    self.arena.reset()
-                raise
         memory.release(kv_caches)
         gc.collect()
         if self.device.type == "cuda":

@@ -165,10 +165,9 @@ def _start_with_server(app: FastAPI) -> None:
     async def lifespan(app: FastAPI):
         async with upstream(app) as state:
             manager = _manager(app)
-            if manager is not None and getattr(getattr(app.state, "args", None),
-                                               "checkpoint_prepin", False):
-                await manager.prepin()
             if manager is not None:
+                if getattr(getattr(app.state, "args", None), "checkpoint_prepin", False):
+                    await manager.prepin()
                 manager.snapshots.start_periodic(lambda: manager.lifecycle.accepting)
             try:
                 yield state
