@@ -39,12 +39,15 @@ MODES = ("checkpoint-keep-kv", "checkpoint-keep-kv-warm", "checkpoint-drop-kv",
          "sleep", "sleep+driver", "driver-awake")
 
 
-# Server variants: (extra environment, extra serve flags).
+# Server variants: (extra environment, extra serve flags, what it is).
 VARIANTS = {
-    "ha": ({}, ["--checkpoint-prepin"]),
-    "upstream-graph-pool": ({"VLLM_HA_SLEEP_GRAPH_POOL": "0"}, []),
-    # The image in 512 MiB chunks: a restore pays a fixed cost per chunk.
-    "chunk-512": ({"VLLM_HA_CHECKPOINT_CHUNK_MIB": "512"}, ["--checkpoint-prepin"]),
+    "ha": ({}, ["--checkpoint-prepin"],
+           "this distribution: CUDA graphs in the sleep-mode pool, --checkpoint-prepin"),
+    "upstream-graph-pool": ({"VLLM_HA_SLEEP_GRAPH_POOL": "0"}, [],
+                            "upstream's CUDA graph pool, no prepin"),
+    # A restore pays a fixed cost per chunk.
+    "chunk-512": ({"VLLM_HA_CHECKPOINT_CHUNK_MIB": "512"}, ["--checkpoint-prepin"],
+                  "ha with the image in 512 MiB chunks"),
 }
 
 
@@ -104,6 +107,21 @@ def rss_gib(pids: list[int]) -> float:
     return round(sum(psutil.Process(p).memory_info().rss for p in pids) / 2**30, 3)
 
 
+def thp_gib(pids: list[int]) -> float | None:
+    """Anonymous memory in transparent huge pages (the pinned arena asks for them:
+    the driver restores a huge-page registration faster)."""
+    total = 0
+    try:
+        for p in pids:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("AnonHugePages:"):
+                        total += int(line.split()[1]) << 10
+    except OSError:
+        return None
+    return round(total / 2**30, 3)
+
+
 def post(url: str, path: str, body: dict | None = None) -> dict:
     r = requests.post(url + path, json=body, timeout=900)
     if r.status_code != 200:
@@ -137,6 +155,7 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
     out["gpu_mib_released"] = gpu_mib(pids)
     out["device_used_mib_released"] = device_mib()
     out["host_rss_gib_released"] = rss_gib(pids)
+    out["host_thp_gib_released"] = thp_gib(pids)
     out["host_rss_gib_serving"] = rss_before
     # The request waits while released: the measured figure is restore → its first token.
     req = FirstToken(url, text, len(ref))
@@ -149,6 +168,7 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
                                           if k in ("driver_restore", "reload", "resume",
                                                    "restore_total")}
         out["reload_gbps"] = st.get("reload_gbps")
+        out["worker_phases_s"] = st.get("worker_phases_s")
     else:
         if driver:
             for pid in pids:
@@ -168,7 +188,7 @@ def run_mode(mode: str, server: Server, a: argparse.Namespace, ref: list[int],
 
 
 def run_variant(variant: str, args: list[str], a: argparse.Namespace) -> dict:
-    extra_env, extra_args = VARIANTS[variant]
+    extra_env, extra_args, _ = VARIANTS[variant]
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1",
            **extra_env}
     server = Server(a.model, [*args, *extra_args],
@@ -213,10 +233,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--variants", nargs="+", default=["ha"], choices=list(VARIANTS),
-                   help="servers to run the modes on, one after the other: ha (this "
-                   "distribution: CUDA graphs in the sleep-mode pool, --checkpoint-prepin), "
-                   "upstream-graph-pool (VLLM_HA_SLEEP_GRAPH_POOL=0, no prepin), chunk-512 "
-                   "(ha with the image in 512 MiB chunks)")
+                   help="servers to run the modes on, one after the other: " + "; ".join(
+                       f"{name} ({v[2]})" for name, v in VARIANTS.items()))
     p.add_argument("--log-dir", default=".")
     p.add_argument("--out", default="checkpoint_restore.json")
     a = p.parse_args()

@@ -1,6 +1,7 @@
 """Probe: does the driver checkpoint restore a torch process that used nvCOMP?
 
     python3 tests/gpu/driver_nvcomp_probe.py plain pinned nvcomp_dropped [nvcomp]
+    python3 tests/gpu/driver_nvcomp_probe.py pinned:12 pageable:12 reregister:12
 
 Each case starts a child that holds 1 GiB of device memory (``pinned``: and 1 GiB of
 pinned host memory; ``nvcomp_dropped``: and encoded/decoded 128 MiB with an nvCOMP ANS
@@ -10,6 +11,13 @@ it on the H100 (driver 580.159.04, nvCOMP 6.0, benchmarks/RESULTS.md "tenth
 session"): every case restores except ``nvcomp`` (CUDA_ERROR_UNKNOWN; the process is
 lost and later driver restores on the host fail too, so run it last, if at all), which
 is why a checkpoint destroys its codecs before the release (``drop_codecs``).
+
+``KIND:N`` cases ask what host memory costs the driver: N GiB pinned (``pinned``), N GiB
+of plain touched memory (``pageable``), or N GiB registered with ``cudaHostRegister``,
+unregistered before the checkpoint and registered again after the restore
+(``reregister``, mmap'd memory; ``reregister_thp``: with transparent huge pages; the
+child reports both registrations and a 1 GiB upload from it), or registered and left so
+(``registered``, ``registered_thp``).
 """
 
 import subprocess
@@ -24,6 +32,7 @@ x = torch.ones(256 << 20, device="cuda")
 torch.cuda.synchronize()
 print("ready", flush=True)
 sys.stdin.readline()
+AFTER
 print("sum", float(x.sum()), flush=True)
 '''
 PINNED = "p = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)\n"
@@ -37,11 +46,57 @@ torch.cuda.synchronize()
 """
 DROP = "del codec, enc, dec\nimport gc; gc.collect(); torch.cuda.synchronize()\n"
 CASES = {"plain": "", "pinned": PINNED, "nvcomp_dropped": NVCOMP + DROP, "nvcomp": NVCOMP}
+SIZED = {
+    # 1 GiB segments, as the checkpoint's HostArena pins them
+    "pinned": ("p = [torch.ones(1 << 30, dtype=torch.uint8).pin_memory() for _ in range(N)]\n",
+               ""),
+    "pageable": ("p = torch.ones(N << 30, dtype=torch.uint8)\n", ""),
+    "reregister": ("""
+import mmap
+rt = torch.cuda.cudart()
+ok = lambda r: int(getattr(r, "value", r)) == 0
+m = mmap.mmap(-1, N << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+THP
+p = torch.frombuffer(m, dtype=torch.uint8)
+p.fill_(1)
+t = time.perf_counter(); assert ok(rt.cudaHostRegister(p.data_ptr(), p.numel(), 0))
+print("note register", round(time.perf_counter() - t, 3), file=sys.stderr, flush=True)
+t = time.perf_counter(); assert ok(rt.cudaHostUnregister(p.data_ptr()))
+print("note unregister", round(time.perf_counter() - t, 3), file=sys.stderr, flush=True)
+""", """
+t = time.perf_counter(); assert ok(rt.cudaHostRegister(p.data_ptr(), p.numel(), 0))
+print("note register after restore", round(time.perf_counter() - t, 3), file=sys.stderr, flush=True)
+d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+t = time.perf_counter(); d.copy_(p[:1 << 30], non_blocking=True); torch.cuda.synchronize()
+print("note upload GB/s", round((1 << 30) / (time.perf_counter() - t) / 1e9, 1),
+      file=sys.stderr, flush=True)
+"""),
+}
+
+
+SIZED["reregister_thp"] = tuple(c.replace("THP", "m.madvise(mmap.MADV_HUGEPAGE)")
+                                for c in SIZED["reregister"])
+SIZED["reregister"] = tuple(c.replace("THP\n", "") for c in SIZED["reregister"])
+# Registered and left registered across the checkpoint (what HostArena does with
+# VLLM_HA_CHECKPOINT_UNPIN=0).
+_REG = SIZED["reregister_thp"][0].split("t = time.perf_counter(); assert ok(rt.cudaHostUnreg")[0]
+SIZED["registered_thp"] = (_REG, "")
+SIZED["registered"] = (_REG.replace("m.madvise(mmap.MADV_HUGEPAGE)\n", ""), "")
+
+
+def child_code(case: str) -> str:
+    if ":" in case:
+        kind, gib = case.split(":")
+        setup, after = (c.replace("N << 30", f"{int(gib)} << 30")
+                        .replace("range(N)", f"range({int(gib)})") for c in SIZED[kind])
+    else:
+        setup, after = CASES[case], ""
+    return (CHILD.replace('print("ready"', setup + 'print("ready"')
+            .replace("AFTER\n", after))
 
 
 def probe(case: str) -> bool:
-    child = CHILD.replace('print("ready"', CASES[case] + 'print("ready"')
-    p = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", child_code(case)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"

@@ -7,7 +7,8 @@
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh mirror    (the mirror e2e test on CUDA)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh failover  (the failover e2e test on CUDA)
 #   bash tests/gpu/run_on_gpu_host.sh checkpoint               (the /checkpoint e2e test on CUDA)
-#   bash tests/gpu/run_on_gpu_host.sh driver-probe     (driver checkpoint of a process that used nvCOMP)
+#   [PROBE_CASES="pinned:12 ..."] bash tests/gpu/run_on_gpu_host.sh driver-probe
+#                                     (driver checkpoint of a process: nvCOMP, host memory)
 #   MODES="..." VARIANTS="ha upstream-graph-pool" bash tests/gpu/run_on_gpu_host.sh bench-checkpoint 1b|8b
 #                                                             (benchmarks/checkpoint_restore.py)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh snapshot  (the snapshot e2e test on CUDA)
@@ -62,7 +63,7 @@ if [ "$what" = failover ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = driver-probe ]; then
-  python3 tests/gpu/driver_nvcomp_probe.py 2>&1 | tee "$LOG/driver-probe.log"
+  python3 tests/gpu/driver_nvcomp_probe.py ${PROBE_CASES:-} 2>&1 | tee "$LOG/driver-probe.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if [ "$what" = checkpoint ]; then

@@ -149,6 +149,7 @@ def test_cycle_keeps_output_and_prefix_cache(server):
         residual = st["residual"]
         assert residual["graph_pool_released_mib"] > 0, residual
         assert 0 < residual["gpu_mib"] < 4096, residual
+    else:  # nothing is released on CPU
         assert st["residual"]["graph_pool_released_mib"] == 0, st["residual"]
     # Calls the state does not allow.
     r = server.post("/checkpoint", {}, headers=AUTH)
@@ -158,6 +159,9 @@ def test_cycle_keeps_output_and_prefix_cache(server):
     st = restore(server)
     assert st["state"] == "serving" and {"reload", "restore_total"} <= set(st["phases_s"])
     assert st["reload_gbps"] > 0, st
+    wp = st["worker_phases_s"]  # the slowest worker's own phases, offload and reload
+    assert {"offload_weights", "offload_release", "reload_map", "reload_weights"} <= set(wp)
+    assert all(v >= 0 for v in wp.values()) and wp["reload_weights"] > 0, wp
     if ON_CUDA:  # NVML sees the engine again: the 0 MiB above was not a blind spot
         assert st["gpu_memory_mib"] > 100, st
         assert st["gpu_device_used_mib"] > released_used + 100, (released_used, st)

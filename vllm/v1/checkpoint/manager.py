@@ -133,6 +133,17 @@ class CheckpointMetrics(ProcessMetrics):
             self.state.labels(state=s.value).set(1 if s is state else 0)
 
 
+def _slowest(prefix: str, workers: list[dict[str, Any]]) -> dict[str, float]:
+    """``{prefix_phase: seconds}`` of the slowest worker per phase (workers run in
+    parallel; the slowest is what the call waited for)."""
+    out: dict[str, float] = {}
+    for w in workers:
+        for k, v in (w.get("seconds") or {}).items():
+            key = f"{prefix}_{k}"
+            out[key] = max(out.get(key, 0.0), v)
+    return out
+
+
 class CheckpointManager:
     """Drives one server's checkpoint lifecycle (one per API server process)."""
 
@@ -148,6 +159,8 @@ class CheckpointManager:
         self.residual: dict[str, int | None] = {}
         self.host_pinned = 0  # bytes the workers keep pinned for checkpoint images
         self.reload_gbps: float | None = None
+        # The slowest worker's own phases of the last offload and reload.
+        self.worker_phases: dict[str, float] = {}
         self.codec: str | None = None
         self.phases: dict[str, float] = {}
         self.pids: list[int] = []
@@ -326,6 +339,7 @@ class CheckpointManager:
                       for k in ("weights_raw", "weights_stored", "kv_raw", "kv_stored")}
         self.sizes["kv_blocks"] = result["kv_blocks"]
         self.host_pinned = sum(w.get("host_pinned", 0) for w in workers)
+        self.worker_phases = _slowest("offload", workers)
         # What the driver checkpoint is about to copy: the processes' GPU memory once
         # the sleep-mode pool (weights, KV, CUDA graphs) is released.
         self.residual = {
@@ -404,6 +418,7 @@ class CheckpointManager:
             t = self._phase("reload", t)
             rates = [w.get("gbps") for w in reload.get("workers", [])]
             self.reload_gbps = min(rates) if rates and None not in rates else None
+            self.worker_phases.update(_slowest("reload", reload.get("workers", [])))
             await self.client.resume_generation()
             t = self._phase("resume", t)
         except BaseException as e:
@@ -524,6 +539,7 @@ class CheckpointManager:
             "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
             "residual": self.residual,
             "reload_gbps": self.reload_gbps,
+            "worker_phases_s": {k: round(v, 4) for k, v in self.worker_phases.items()},
             "host_pinned_mib": self.host_pinned >> 20,
             "pids": self.pids,
             "gpu_released": bool(self.released),

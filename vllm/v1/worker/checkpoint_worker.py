@@ -20,6 +20,7 @@ device memory is released:
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import time
 import weakref
@@ -69,7 +70,7 @@ def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
     return _CODECS[key]
 
 
-def drop_codecs() -> None:
+def drop_codecs(strict: bool = True) -> None:
     """Destroy every codec of the process (nvCOMP's with them). Found on the H100
     (driver 580): a process that holds a live nvCOMP codec when the driver checkpoints
     it fails the driver's restore (CUDA_ERROR_UNKNOWN, and the process is lost); the
@@ -77,12 +78,17 @@ def drop_codecs() -> None:
     (tests/gpu/driver_nvcomp_probe.py, benchmarks/RESULTS.md "tenth session"). A
     checkpoint drops them before the release and makes a new one after the restore.
     Raises if one outlives the drop (something still holds it), so the checkpoint
-    stops before the release instead of losing the process at the restore."""
+    stops before the release instead of losing the process at the restore;
+    ``strict=False`` (after a restore: a server keeps no codec while it serves, so an
+    operator's own driver checkpoint restores it too) only logs that."""
     alive = [weakref.ref(c) for c in _CODECS.values()]
     _CODECS.clear()
     gc.collect()
     held = [r() for r in alive if r() is not None]
-    if held:
+    if held and not strict:
+        logger.warning("A codec (%s) outlived its use; a driver checkpoint of this "
+                       "process before it goes would not restore", held[0].codec.name)
+    elif held:
         raise CheckpointWorkerError(
             f"a codec ({held[0].codec.name}) is still referenced; the driver could not "
             "restore this process, so the GPU is not released")
@@ -114,6 +120,12 @@ class HostChunk:
     @property
     def stored_bytes(self) -> int:
         return self.planes.stored_bytes if self.planes is not None else self.nbytes
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The stored bytes: one raw tensor or one per plane."""
+        if self.planes is None:
+            return [self.raw]
+        return [p.data for p in self.planes.planes]
 
 
 @dataclass
@@ -241,6 +253,14 @@ class HostArena:
     host) and pins at ~1.3 GiB/s (11 s of a process's first checkpoint). Planes are
     packed into segments instead, pinned once per process, or at server start
     (``--checkpoint-prepin``), so even the first checkpoint only copies.
+
+    Segments are anonymous mappings in transparent huge pages, registered with
+    ``cudaHostRegister``. The driver's restore maps every pinned page of the process
+    again: in a probe on the H100 host (``tests/gpu/driver_nvcomp_probe.py``) 12 GiB
+    pinned by ``cudaHostAlloc`` added 0.4-0.7 s to it, 12 GiB registered in huge pages
+    0.05 s (the ~8B engine's driver restore: 0.71 -> 0.53 s). Unpinning the segments
+    for the checkpoint and registering them again while the reload ran cost the
+    reload as much as it saved (benchmarks/RESULTS.md, eleventh session).
     """
 
     SEGMENT_BYTES = 1 << 30
@@ -249,6 +269,7 @@ class HostArena:
     def __init__(self, pin: bool = True) -> None:
         self.pin = pin
         self.segments: list[torch.Tensor] = []
+        self._maps: list[mmap.mmap] = []
         self._seg = 0
         self._off = 0
 
@@ -278,7 +299,27 @@ class HostArena:
         self._seg = self._off = 0
 
     def _pin(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        if not self.pin:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        seg = torch.frombuffer(buf, dtype=torch.uint8)
+        try:
+            _cuda_host_call("cudaHostRegister", seg.data_ptr(), seg.numel(), 0)
+        except BaseException:
+            del seg
+            buf.close()
+            raise
+        self._maps.append(buf)  # registered for the life of the process
+        return seg
+
+
+def _cuda_host_call(name: str, *args: int) -> None:
+    err = getattr(torch.cuda.cudart(), name)(*args)
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise CheckpointWorkerError(f"{name} failed: CUDA error {code}")
 
 
 def _host(nbytes: int, pin: bool, arena: HostArena | None) -> torch.Tensor:
@@ -315,9 +356,7 @@ def _settle(t: torch.Tensor) -> None:
 
 def _upload(chunk: HostChunk, device: torch.device) -> list[torch.Tensor]:
     """The chunk's stored bytes on ``device`` (asynchronous from pinned memory)."""
-    if chunk.planes is None:
-        return [chunk.raw.to(device, non_blocking=True)]
-    return [p.data.to(device, non_blocking=True) for p in chunk.planes.planes]
+    return [t.to(device, non_blocking=True) for t in chunk.host_tensors()]
 
 
 def _decode(codec: ByteplaneCodec | None, chunk: HostChunk, parts: list[torch.Tensor],
@@ -612,9 +651,10 @@ class WorkerCheckpoint(WorkerPart):
         if self.image is None or self._memory is None:
             raise CheckpointWorkerError("this worker is not checkpointed")
         image, memory = self.image, self._memory
+        t0 = time.perf_counter()
         # A new codec: the offload's was destroyed before the driver checkpoint.
         codec = make_codec(self._codec_name or "none", self.device)
-        t0 = time.perf_counter()
+        t_codec = time.perf_counter()
         memory.reacquire()
         t_map = time.perf_counter()
         try:
@@ -632,11 +672,16 @@ class WorkerCheckpoint(WorkerPart):
         self.image = self._memory = self._codec_name = None
         if self.arena is not None:
             self.arena.reset()
+        # Found on the H100 (this series' benchmark, eleventh session): after a restore
+        # the cached codec made a later driver checkpoint of the serving engine (the
+        # benchmark's sleep + driver baseline) fail its restore.
+        del codec
+        drop_codecs(strict=False)
         seconds = t_kv - t_map
         return {"pid": os.getpid(), "raw_bytes": weights_raw + kv_raw,
                 "gbps": round((weights_raw + kv_raw) / seconds / 1e9, 2) if seconds else None,
-                "seconds": {"map": t_map - t0, "weights": t_weights - t_map,
-                            "kv": t_kv - t_weights}}
+                "seconds": {"codec": t_codec - t0, "map": t_map - t_codec,
+                            "weights": t_weights - t_map, "kv": t_kv - t_weights}}
 
 
 # -- engine wiring: collective_rpc(fn, args=...) runs these on every worker ----------
