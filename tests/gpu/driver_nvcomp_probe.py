@@ -20,15 +20,18 @@ child reports both registrations and a 1 GiB upload from it), or registered and 
 (``registered``, ``registered_thp``).
 """
 
+import os
 import subprocess
 import sys
 import time
 
 from vllm.v1.checkpoint.driver import DriverCheckpoint
 
+# The child's device memory (PROBE_DEVICE_GIB, default 1): ~40 is an awake ~8B engine.
+DEVICE_GIB = int(os.environ.get("PROBE_DEVICE_GIB", "1"))
 CHILD = r'''
 import sys, time, torch
-x = torch.ones(256 << 20, device="cuda")
+x = torch.ones(DEVICE_GIB * (256 << 20), device="cuda")
 torch.cuda.synchronize()
 print("ready", flush=True)
 sys.stdin.readline()
@@ -91,7 +94,7 @@ def child_code(case: str) -> str:
                         .replace("range(N)", f"range({int(gib)})") for c in SIZED[kind])
     else:
         setup, after = CASES[case], ""
-    return (CHILD.replace('print("ready"', setup + 'print("ready"')
+    return (CHILD.replace("DEVICE_GIB", str(DEVICE_GIB)).replace('print("ready"', setup + 'print("ready"')
             .replace("AFTER\n", after))
 
 
@@ -109,7 +112,7 @@ def probe(case: str) -> bool:
         print(f"{case}: restore ok {time.perf_counter() - t:.2f} s", flush=True)
         p.stdin.write("\n")
         p.stdin.flush()
-        ok = p.stdout.readline().strip() == f"sum {float(256 << 20)}"
+        ok = p.stdout.readline().strip() == f"sum {float(DEVICE_GIB * (256 << 20))}"
         print(f"{case}: tensor {'intact' if ok else 'WRONG'}", flush=True)
         return ok
     except Exception as e:
