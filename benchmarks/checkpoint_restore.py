@@ -108,8 +108,9 @@ def rss_gib(pids: list[int]) -> float:
 
 
 def thp_gib(pids: list[int]) -> float | None:
-    """Anonymous memory in transparent huge pages (the pinned arena asks for them:
-    the driver restores a huge-page registration faster)."""
+    """The engine processes' anonymous memory in transparent huge pages, all of it
+    (the checkpoint arena asks for them: the driver restores a huge-page registration
+    faster; with THP "always" other memory counts too)."""
     total = 0
     try:
         for p in pids:

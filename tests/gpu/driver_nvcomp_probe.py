@@ -80,8 +80,7 @@ print("note upload GB/s", round((1 << 30) / (time.perf_counter() - t) / 1e9, 1),
 SIZED["reregister_thp"] = tuple(c.replace("THP", "m.madvise(mmap.MADV_HUGEPAGE)")
                                 for c in SIZED["reregister"])
 SIZED["reregister"] = tuple(c.replace("THP\n", "") for c in SIZED["reregister"])
-# Registered and left registered across the checkpoint (what HostArena does with
-# VLLM_HA_CHECKPOINT_UNPIN=0).
+# Registered and left registered across the checkpoint (what HostArena does).
 _REG = SIZED["reregister_thp"][0].split("t = time.perf_counter(); assert ok(rt.cudaHostUnreg")[0]
 SIZED["registered_thp"] = (_REG, "")
 SIZED["registered"] = (_REG.replace("m.madvise(mmap.MADV_HUGEPAGE)\n", ""), "")

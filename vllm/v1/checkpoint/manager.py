@@ -134,8 +134,8 @@ class CheckpointMetrics(ProcessMetrics):
 
 
 def _slowest(prefix: str, workers: list[dict[str, Any]]) -> dict[str, float]:
-    """``{prefix_phase: seconds}`` of the slowest worker per phase (workers run in
-    parallel; the slowest is what the call waited for)."""
+    """``{prefix_phase: seconds}``, each phase's maximum over the workers (they run in
+    parallel; the values may come from different workers)."""
     out: dict[str, float] = {}
     for w in workers:
         for k, v in (w.get("seconds") or {}).items():
@@ -159,7 +159,8 @@ class CheckpointManager:
         self.residual: dict[str, int | None] = {}
         self.host_pinned = 0  # bytes the workers keep pinned for checkpoint images
         self.reload_gbps: float | None = None
-        # The slowest worker's own phases of the last offload and reload.
+        # The workers' own phases of the last offload and reload, each the maximum
+        # over the workers (they run in parallel).
         self.worker_phases: dict[str, float] = {}
         self.codec: str | None = None
         self.phases: dict[str, float] = {}
@@ -253,6 +254,7 @@ class CheckpointManager:
                 "(every request would be refused until it is back in sync)")
         self._begin("checkpoint")
         self.phases = {}
+        self.worker_phases = {}
         try:
             await self._pause_mirror(opts)
             await self._checkpoint(opts)

@@ -54,6 +54,9 @@ class CheckpointWorkerError(RuntimeError):
 
 
 _CODECS: dict[tuple[str, str], ByteplaneCodec] = {}
+# Every codec made and not yet collected, cached or not: what a strict drop checks, so
+# one that outlived a lenient drop still stops the next release.
+_LIVE: weakref.WeakSet[ByteplaneCodec] = weakref.WeakSet()
 
 
 def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
@@ -67,6 +70,7 @@ def make_codec(name: str, device: torch.device) -> ByteplaneCodec | None:
         if codec is None:
             return None
         _CODECS[key] = codec
+        _LIVE.add(codec)
     return _CODECS[key]
 
 
@@ -79,12 +83,11 @@ def drop_codecs(strict: bool = True) -> None:
     checkpoint drops them before the release and makes a new one after the restore.
     Raises if one outlives the drop (something still holds it), so the checkpoint
     stops before the release instead of losing the process at the restore;
-    ``strict=False`` (after a restore: a server keeps no codec while it serves, so an
-    operator's own driver checkpoint restores it too) only logs that."""
-    alive = [weakref.ref(c) for c in _CODECS.values()]
+    ``strict=False`` (after a restore, so that a serving engine holds no codec from
+    it) only logs that."""
     _CODECS.clear()
     gc.collect()
-    held = [r() for r in alive if r() is not None]
+    held = list(_LIVE)
     if held and not strict:
         logger.warning("A codec (%s) outlived its use; a driver checkpoint of this "
                        "process before it goes would not restore", held[0].codec.name)
@@ -254,11 +257,11 @@ class HostArena:
     packed into segments instead, pinned once per process, or at server start
     (``--checkpoint-prepin``), so even the first checkpoint only copies.
 
-    Segments are anonymous mappings in transparent huge pages, registered with
-    ``cudaHostRegister``. The driver's restore maps every pinned page of the process
-    again: in a probe on the H100 host (``tests/gpu/driver_nvcomp_probe.py``) 12 GiB
-    pinned by ``cudaHostAlloc`` added 0.4-0.7 s to it, 12 GiB registered in huge pages
-    0.05 s (the ~8B engine's driver restore: 0.71 -> 0.53 s). Unpinning the segments
+    Segments are anonymous mappings in transparent huge pages, registered with the
+    driver (``cuMemHostRegister``). The driver's restore maps every pinned page of the
+    process again: in a probe on the H100 host (``tests/gpu/driver_nvcomp_probe.py``)
+    12 GiB pinned by ``cudaHostAlloc`` added 0.4-0.7 s to it, 12 GiB registered in huge
+    pages 0.05-0.16 s (the ~8B engine's driver restore: 0.71 -> 0.52-0.62 s). Unpinning the segments
     for the checkpoint and registering them again while the reload ran cost the
     reload as much as it saved (benchmarks/RESULTS.md, eleventh session).
     """
@@ -269,7 +272,10 @@ class HostArena:
     def __init__(self, pin: bool = True) -> None:
         self.pin = pin
         self.segments: list[torch.Tensor] = []
-        self._maps: list[mmap.mmap] = []
+        self._warned = False
+        # Unregister when the segment goes (a test's arena, a worker's shutdown; the
+        # views of an image hold it): an unmapped range must not stay pinned.
+        self.unregister_on_collect: list[weakref.finalize] = []
         self._seg = 0
         self._off = 0
 
@@ -302,24 +308,57 @@ class HostArena:
         if not self.pin:
             return torch.empty(nbytes, dtype=torch.uint8)
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        seg = torch.frombuffer(buf, dtype=torch.uint8)
+        _advise(buf)
+        seg = torch.frombuffer(buf, dtype=torch.uint8)  # holds ``buf`` while it lives
         try:
-            _cuda_host_call("cudaHostRegister", seg.data_ptr(), seg.numel(), 0)
-        except BaseException:
+            ptr = _register_host(seg.data_ptr(), seg.numel())
+        except Exception as e:
             del seg
             buf.close()
-            raise
-        self._maps.append(buf)  # registered for the life of the process
+            if not self._warned:
+                self._warned = True
+                logger.warning("Checkpoint image: registering host memory failed (%s); "
+                               "pinning with cudaHostAlloc instead (4 KiB pages: a "
+                               "slower driver restore)", e)
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.unregister_on_collect.append(weakref.finalize(seg, _unregister_host, ptr))
         return seg
 
 
-def _cuda_host_call(name: str, *args: int) -> None:
-    err = getattr(torch.cuda.cudart(), name)(*args)
-    code = int(getattr(err, "value", err))
-    if code != 0:
-        raise CheckpointWorkerError(f"{name} failed: CUDA error {code}")
+def _advise(buf: mmap.mmap) -> None:
+    """Huge pages (the point of the arena), and none of it in a forked child (pinned
+    pages are copied eagerly at fork) or in a core dump. Each is best effort: a kernel
+    without transparent huge pages answers EINVAL."""
+    for name in ("MADV_HUGEPAGE", "MADV_DONTFORK", "MADV_DONTDUMP"):
+        advice = getattr(mmap, name, None)
+        if advice is not None:
+            try:
+                buf.madvise(advice)
+            except OSError:
+                pass
+
+
+# Through the driver API: the runtime's cudaHostRegister leaves a failure as the
+# thread's last error, which the next kernel launch check would raise in unrelated code.
+_CU_MEMHOSTREGISTER_PORTABLE = 0x01
+
+
+def _register_host(ptr: int, nbytes: int) -> int:
+    from cuda.bindings import driver
+
+    err, = driver.cuMemHostRegister(ptr, nbytes, _CU_MEMHOSTREGISTER_PORTABLE)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise CheckpointWorkerError(f"cuMemHostRegister: {getattr(err, 'name', err)}")
+    return ptr
+
+
+def _unregister_host(ptr: int) -> None:
+    try:
+        from cuda.bindings import driver
+
+        driver.cuMemHostUnregister(ptr)
+    except Exception:  # the process is going; nothing to hand back to
+        pass
 
 
 def _host(nbytes: int, pin: bool, arena: HostArena | None) -> torch.Tensor:
