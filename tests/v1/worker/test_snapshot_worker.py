@@ -114,3 +114,20 @@ def test_a_failed_background_write_raises_its_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         bg.result()
     assert bg.done
+
+
+def test_a_snapshot_write_keeps_no_codec(tmp_path):
+    # A serving engine holds no codec after a snapshot: a driver checkpoint of a process
+    # holding a live nvCOMP codec cannot be restored (checkpoint_worker.drop_codecs).
+    from types import SimpleNamespace
+
+    from tests.v1.worker.test_checkpoint_worker import cpu_worker
+    from vllm.v1.worker.snapshot_worker import rpc_snapshot_write
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "kv").mkdir()
+    worker = cpu_worker()
+    worker.vllm_config.compilation_config = SimpleNamespace(cache_dir="", local_cache_dir="")
+    out = rpc_snapshot_write(worker, str(tmp_path), [1, 2], "zlib", {}, "seg")
+    assert out["codec"] == "zlib-1" and any((tmp_path / "weights").iterdir())
+    assert not cw._CODECS and not len(cw._LIVE)

@@ -43,6 +43,7 @@ from vllm.v1.worker.checkpoint_worker import (
     WorkerPart,
     _decode_into,
     _encode,
+    drop_codecs,
     make_codec,
 )
 from vllm.v1.worker.kv_mirror_transport import unique_tensors
@@ -714,8 +715,13 @@ def rpc_snapshot_weights_linkable(worker: Any, linkable: dict[str, list[str]]) -
 def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: str,
                        linkable: dict[str, list[str]], kv_segment: str,
                        background: bool = False) -> dict[str, Any]:
-    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable, kv_segment,
-                                           background)
+    try:
+        return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable,
+                                               kv_segment, background)
+    finally:
+        # A serving engine keeps no nvCOMP codec: a driver checkpoint of a process
+        # holding one cannot be restored (checkpoint_worker.drop_codecs).
+        drop_codecs(strict=False)
 
 
 def rpc_snapshot_done(worker: Any, gen_dir: str) -> bool:
@@ -732,7 +738,10 @@ def rpc_snapshot_wait(worker: Any) -> None:
 
 def rpc_snapshot_load_kv(worker: Any, gen_dir: str,
                          placements: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
-    return WorkerSnapshot.of(worker).load_kv(gen_dir, placements)
+    try:
+        return WorkerSnapshot.of(worker).load_kv(gen_dir, placements)
+    finally:
+        drop_codecs(strict=False)
 
 
 def rpc_snapshot_weights_held(worker: Any, checksums: dict[str, list[str]]) -> bool:
@@ -754,5 +763,8 @@ def rpc_snapshot_load_check(worker: Any, gen_dir: str) -> str | None:
 def rpc_snapshot_load_in_place(worker: Any, gen_dir: str, checksums: dict[str, list[str]],
                                force: bool = False, verified: bool = True) -> dict[str, Any]:
     part = WorkerSnapshot.of(worker)
-    return {"rank": part.rank, **part.load_in_place(gen_dir, part.weights_key(checksums),
-                                                    force, verified)}
+    try:
+        return {"rank": part.rank, **part.load_in_place(gen_dir, part.weights_key(checksums),
+                                                        force, verified)}
+    finally:
+        drop_codecs(strict=False)
