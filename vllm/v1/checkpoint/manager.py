@@ -48,9 +48,10 @@ PREPIN_FRACTION = 0.7
 # compressed with nvCOMP, the driver's restore of that process failed
 # (CUDA_ERROR_UNKNOWN). The cause found since (tenth session): any nvCOMP codec alive
 # in the process at the driver checkpoint, which the snapshot's cached codec was; the
-# checkpoint now destroys every codec first (checkpoint_worker.drop_codecs). Until a
-# GPU run shows snapshot + release working, the two stay apart: nothing may leave a
-# server stuck checkpointed.
+# checkpoint now destroys every codec first (checkpoint_worker.drop_codecs), and since
+# the eleventh session snapshots drop theirs after each write and load. Until a GPU run
+# shows snapshot + release working, the two stay apart: nothing may leave a server
+# stuck checkpointed.
 _NVCOMP_DRIVER = (
     "this process wrote an nvCOMP-compressed snapshot, after which the driver restore "
     "fails (CUDA_ERROR_UNKNOWN on driver 580): use release_gpu=false, or write "
