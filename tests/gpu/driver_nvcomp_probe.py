@@ -82,8 +82,16 @@ SIZED["reregister_thp"] = tuple(c.replace("THP", "m.madvise(mmap.MADV_HUGEPAGE)"
 SIZED["reregister"] = tuple(c.replace("THP\n", "") for c in SIZED["reregister"])
 # Registered and left registered across the checkpoint (what HostArena does).
 _REG = SIZED["reregister_thp"][0].split("t = time.perf_counter(); assert ok(rt.cudaHostUnreg")[0]
-SIZED["registered_thp"] = (_REG, "")
-SIZED["registered"] = (_REG.replace("m.madvise(mmap.MADV_HUGEPAGE)\n", ""), "")
+# After the restore: the registration still holds (an asynchronous upload, bytes intact).
+_UPLOAD = """
+d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+t = time.perf_counter(); d.copy_(p[:1 << 30], non_blocking=True); torch.cuda.synchronize()
+assert p.is_pinned() and int(d.min()) == 1 == int(d.max())
+print("note upload GB/s", round((1 << 30) / (time.perf_counter() - t) / 1e9, 1),
+      file=sys.stderr, flush=True)
+"""
+SIZED["registered_thp"] = (_REG, _UPLOAD)
+SIZED["registered"] = (_REG.replace("m.madvise(mmap.MADV_HUGEPAGE)\n", ""), _UPLOAD)
 
 
 def child_code(case: str) -> str:
