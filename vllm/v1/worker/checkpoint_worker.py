@@ -267,9 +267,10 @@ class HostArena:
     driver (``cuMemHostRegister``). The driver's restore maps every pinned page of the
     process again: in a probe on the H100 host (``tests/gpu/driver_nvcomp_probe.py``)
     12 GiB pinned by ``cudaHostAlloc`` added 0.4-0.7 s to it, 12 GiB registered in huge
-    pages 0.05-0.16 s (the ~8B engine's driver restore: 0.71 -> 0.52-0.62 s). Unpinning the segments
-    for the checkpoint and registering them again while the reload ran cost the
-    reload as much as it saved (benchmarks/RESULTS.md, eleventh session).
+    pages 0.05-0.16 s (the ~8B engine's driver restore: 0.71 -> 0.52-0.70 s).
+    Unpinning the segments for the checkpoint and registering them again while the
+    reload ran cost the reload as much as it saved (benchmarks/RESULTS.md, eleventh
+    session).
     """
 
     SEGMENT_BYTES = 1 << 30
