@@ -150,10 +150,11 @@ def test_a_warm_spare_becomes_the_snapshotted_server(server, spare, root):
         spare, f"go {i}", max_tokens=900)), daemon=True) for i in range(8)]
     for t in decoding:
         t.start()
+    # Load while the first is in flight (waiting for all eight failed once on a loaded
+    # 2-core CI box: the first had finished before the last arrived).
     deadline = time.monotonic() + 60
-    while status(spare)["requests_in_flight"] < 8 and time.monotonic() < deadline:
+    while not status(spare)["requests_in_flight"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert status(spare)["requests_in_flight"] > 0, "the long requests never ran"
     assert "in flight" in load(spare, "lost", 409)["error"]
     for t in decoding:
         t.join(300)
