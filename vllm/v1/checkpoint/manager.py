@@ -134,7 +134,7 @@ class CheckpointMetrics(ProcessMetrics):
             self.state.labels(state=s.value).set(1 if s is state else 0)
 
 
-def _slowest(prefix: str, workers: list[dict[str, Any]]) -> dict[str, float]:
+def _max_per_phase(prefix: str, workers: list[dict[str, Any]]) -> dict[str, float]:
     """``{prefix_phase: seconds}``, each phase's maximum over the workers (they run in
     parallel; the values may come from different workers)."""
     out: dict[str, float] = {}
@@ -342,7 +342,7 @@ class CheckpointManager:
                       for k in ("weights_raw", "weights_stored", "kv_raw", "kv_stored")}
         self.sizes["kv_blocks"] = result["kv_blocks"]
         self.host_pinned = sum(w.get("host_pinned", 0) for w in workers)
-        self.worker_phases = _slowest("offload", workers)
+        self.worker_phases = _max_per_phase("offload", workers)
         # What the driver checkpoint is about to copy: the processes' GPU memory once
         # the sleep-mode pool (weights, KV, CUDA graphs) is released.
         self.residual = {
@@ -421,7 +421,7 @@ class CheckpointManager:
             t = self._phase("reload", t)
             rates = [w.get("gbps") for w in reload.get("workers", [])]
             self.reload_gbps = min(rates) if rates and None not in rates else None
-            self.worker_phases.update(_slowest("reload", reload.get("workers", [])))
+            self.worker_phases.update(_max_per_phase("reload", reload.get("workers", [])))
             await self.client.resume_generation()
             t = self._phase("resume", t)
         except BaseException as e:
