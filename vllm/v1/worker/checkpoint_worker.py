@@ -318,7 +318,7 @@ class HostArena:
         _advise(buf)
         seg = torch.frombuffer(buf, dtype=torch.uint8)  # holds ``buf`` while it lives
         try:
-            ptr = _register_host(seg.data_ptr(), seg.numel())
+            _register_host(seg.data_ptr(), seg.numel())
         except Exception as e:
             del seg
             buf.close()
@@ -328,7 +328,8 @@ class HostArena:
                                "pinning with cudaHostAlloc instead (4 KiB pages: a "
                                "slower driver restore)", e)
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        self.unregister_on_collect.append(weakref.finalize(seg, _unregister_host, ptr))
+        self.unregister_on_collect.append(
+            weakref.finalize(seg, _unregister_host, seg.data_ptr()))
         return seg
 
 
@@ -350,13 +351,12 @@ def _advise(buf: mmap.mmap) -> None:
 _CU_MEMHOSTREGISTER_PORTABLE = 0x01
 
 
-def _register_host(ptr: int, nbytes: int) -> int:
+def _register_host(ptr: int, nbytes: int) -> None:
     from cuda.bindings import driver
 
     err, = driver.cuMemHostRegister(ptr, nbytes, _CU_MEMHOSTREGISTER_PORTABLE)
     if err != driver.CUresult.CUDA_SUCCESS:
         raise CheckpointWorkerError(f"cuMemHostRegister: {getattr(err, 'name', err)}")
-    return ptr
 
 
 def _unregister_host(ptr: int) -> None:

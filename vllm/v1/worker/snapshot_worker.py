@@ -21,6 +21,7 @@ is written; the engine adds the entries to the manifest
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -712,16 +713,25 @@ def rpc_snapshot_weights_linkable(worker: Any, linkable: dict[str, list[str]]) -
     return WorkerSnapshot.of(worker).weights_linkable(linkable)
 
 
+def _drops_codecs(rpc: Callable[..., Any]) -> Callable[..., Any]:
+    """The RPC's codecs go when it returns: a serving engine keeps no nvCOMP codec, as
+    a driver checkpoint of a process holding one cannot be restored
+    (checkpoint_worker.drop_codecs)."""
+    @functools.wraps(rpc)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return rpc(*args, **kwargs)
+        finally:
+            drop_codecs(strict=False)
+    return call
+
+
+@_drops_codecs
 def rpc_snapshot_write(worker: Any, gen_dir: str, block_ids: list[int], codec: str,
                        linkable: dict[str, list[str]], kv_segment: str,
                        background: bool = False) -> dict[str, Any]:
-    try:
-        return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable,
-                                               kv_segment, background)
-    finally:
-        # A serving engine keeps no nvCOMP codec: a driver checkpoint of a process
-        # holding one cannot be restored (checkpoint_worker.drop_codecs).
-        drop_codecs(strict=False)
+    return WorkerSnapshot.of(worker).write(gen_dir, block_ids, codec, linkable, kv_segment,
+                                           background)
 
 
 def rpc_snapshot_done(worker: Any, gen_dir: str) -> bool:
@@ -736,12 +746,10 @@ def rpc_snapshot_wait(worker: Any) -> None:
     WorkerSnapshot.of(worker).wait()
 
 
+@_drops_codecs
 def rpc_snapshot_load_kv(worker: Any, gen_dir: str,
                          placements: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
-    try:
-        return WorkerSnapshot.of(worker).load_kv(gen_dir, placements)
-    finally:
-        drop_codecs(strict=False)
+    return WorkerSnapshot.of(worker).load_kv(gen_dir, placements)
 
 
 def rpc_snapshot_weights_held(worker: Any, checksums: dict[str, list[str]]) -> bool:
@@ -760,11 +768,9 @@ def rpc_snapshot_load_check(worker: Any, gen_dir: str) -> str | None:
     return None
 
 
+@_drops_codecs
 def rpc_snapshot_load_in_place(worker: Any, gen_dir: str, checksums: dict[str, list[str]],
                                force: bool = False, verified: bool = True) -> dict[str, Any]:
     part = WorkerSnapshot.of(worker)
-    try:
-        return {"rank": part.rank, **part.load_in_place(gen_dir, part.weights_key(checksums),
-                                                        force, verified)}
-    finally:
-        drop_codecs(strict=False)
+    return {"rank": part.rank, **part.load_in_place(gen_dir, part.weights_key(checksums),
+                                                    force, verified)}
