@@ -49,12 +49,9 @@ torch.cuda.synchronize()
 """
 DROP = "del codec, enc, dec\nimport gc; gc.collect(); torch.cuda.synchronize()\n"
 CASES = {"plain": "", "pinned": PINNED, "nvcomp_dropped": NVCOMP + DROP, "nvcomp": NVCOMP}
-SIZED = {
-    # 1 GiB segments, as the checkpoint's HostArena pins them
-    "pinned": ("p = [torch.ones(1 << 30, dtype=torch.uint8).pin_memory() for _ in range(N)]\n",
-               ""),
-    "pageable": ("p = torch.ones(N << 30, dtype=torch.uint8)\n", ""),
-    "reregister": ("""
+# The sized cases' pieces (N: GiB). An anonymous mapping, touched, as HostArena makes
+# its segments (THP: in transparent huge pages), registered with the runtime.
+_MAP = """
 import mmap
 rt = torch.cuda.cudart()
 ok = lambda r: int(getattr(r, "value", r)) == 0
@@ -64,34 +61,38 @@ p = torch.frombuffer(m, dtype=torch.uint8)
 p.fill_(1)
 t = time.perf_counter(); assert ok(rt.cudaHostRegister(p.data_ptr(), p.numel(), 0))
 print("note register", round(time.perf_counter() - t, 3), file=sys.stderr, flush=True)
-t = time.perf_counter(); assert ok(rt.cudaHostUnregister(p.data_ptr()))
+"""
+_UNREGISTER = """t = time.perf_counter(); assert ok(rt.cudaHostUnregister(p.data_ptr()))
 print("note unregister", round(time.perf_counter() - t, 3), file=sys.stderr, flush=True)
-""", """
+"""
+_REREGISTER = """
 t = time.perf_counter(); assert ok(rt.cudaHostRegister(p.data_ptr(), p.numel(), 0))
 print("note register after restore", round(time.perf_counter() - t, 3), file=sys.stderr, flush=True)
-d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+"""
+_UPLOAD = """d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
 t = time.perf_counter(); d.copy_(p[:1 << 30], non_blocking=True); torch.cuda.synchronize()
-print("note upload GB/s", round((1 << 30) / (time.perf_counter() - t) / 1e9, 1),
-      file=sys.stderr, flush=True)
-"""),
-}
-
-
-SIZED["reregister_thp"] = tuple(c.replace("THP", "m.madvise(mmap.MADV_HUGEPAGE)")
-                                for c in SIZED["reregister"])
-SIZED["reregister"] = tuple(c.replace("THP\n", "") for c in SIZED["reregister"])
-# Registered and left registered across the checkpoint (what HostArena does).
-_REG = SIZED["reregister_thp"][0].split("t = time.perf_counter(); assert ok(rt.cudaHostUnreg")[0]
-# After the restore: the registration still holds (an asynchronous upload, bytes intact).
-_UPLOAD = """
-d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-t = time.perf_counter(); d.copy_(p[:1 << 30], non_blocking=True); torch.cuda.synchronize()
-assert p.is_pinned() and int(d.min()) == 1 == int(d.max())
+CHECK
 print("note upload GB/s", round((1 << 30) / (time.perf_counter() - t) / 1e9, 1),
       file=sys.stderr, flush=True)
 """
-SIZED["registered_thp"] = (_REG, _UPLOAD)
-SIZED["registered"] = (_REG.replace("m.madvise(mmap.MADV_HUGEPAGE)\n", ""), _UPLOAD)
+# After the restore of a registration left in place: it still holds (an asynchronous
+# upload, bytes intact).
+_CHECKED_UPLOAD = "\n" + _UPLOAD.replace(
+    "CHECK", "assert p.is_pinned() and int(d.min()) == 1 == int(d.max())")
+_THP = "m.madvise(mmap.MADV_HUGEPAGE)\n"
+SIZED = {
+    # 1 GiB segments, as the checkpoint's HostArena pins them
+    "pinned": ("p = [torch.ones(1 << 30, dtype=torch.uint8).pin_memory() for _ in range(N)]\n",
+               ""),
+    "pageable": ("p = torch.ones(N << 30, dtype=torch.uint8)\n", ""),
+}
+for _suffix, _thp in (("", ""), ("_thp", _THP)):
+    _mapped = _MAP.replace("THP\n", _thp)
+    # Unregistered before the checkpoint, registered again after the restore.
+    SIZED["reregister" + _suffix] = (_mapped + _UNREGISTER,
+                                     _REREGISTER + _UPLOAD.replace("CHECK\n", ""))
+    # Registered and left registered across the checkpoint (what HostArena does).
+    SIZED["registered" + _suffix] = (_mapped, _CHECKED_UPLOAD)
 
 
 def child_code(case: str) -> str:
