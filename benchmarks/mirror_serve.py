@@ -17,6 +17,12 @@ in alternating order; the ratio is the median of the N paired on/off ratios, pri
 with their spread and the off-vs-off ratio of neighbouring rounds (the noise floor).
 "Off" there is the paused mirror (hooks present, tracker detached, an idle standby on
 the peer); the plain server run first says whether that differs from no mirror at all.
+
+``--profile C --py-spy PATH`` samples the primary engine process with py-spy while
+concurrency C decodes, on both sides of every round: once every thread that is not
+idle, once only the thread holding the GIL (``--gil``). The summary gives each
+thread's share of the samples and the share spent in the mirror's own code, on vs
+paused; the raw stacks stay in --log-dir.
 """
 
 from __future__ import annotations
@@ -165,6 +171,57 @@ def decode_tps(url: str, conc: int, prompt_words: int, output_len: int, seed: in
     return tokens / (time.perf_counter() - t0)
 
 
+class Profile:
+    """py-spy attached to one process while a block of work runs (--nonblocking: the
+    process is never paused, so the sampling does not slow what it measures)."""
+
+    def __init__(self, py_spy: str, pid: int, out: str, gil: bool) -> None:
+        self.out = out
+        cmd = [py_spy, "record", "--pid", str(pid), "--nonblocking", "--threads",
+               "--rate", "250", "--format", "raw", "--output", out, "--duration", "3600"]
+        self.proc = subprocess.Popen(cmd + (["--gil"] if gil else []),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(1.0)  # attached before the work starts
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return {"error": "py-spy did not stop"}
+        return summarize_profile(self.out)
+
+
+MIRROR_FRAMES = ("kv_mirror", "mirror_supervisor", "v1/engine/mirror")
+
+
+def summarize_profile(path: str) -> dict:
+    """Shares of the samples per thread, and of the samples in the mirror's code."""
+    threads: dict[str, int] = {}
+    mirror = total = 0
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        return {"error": str(e)}
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1]  # --threads: "thread (TID): NAME" first
+        threads[thread] = threads.get(thread, 0) + count
+        total += count
+        if any(m in f for f in frames for m in MIRROR_FRAMES):
+            mirror += count
+    if not total:
+        return {"samples": 0}
+    top = sorted(threads.items(), key=lambda kv: -kv[1])[:6]
+    return {"samples": total, "mirror_share": round(mirror / total, 4),
+            "threads": {k: round(v / total, 4) for k, v in top}}
+
+
 def histogram_quantile(metrics: dict[str, float], name: str, q: float) -> float | None:
     buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in metrics.items()
                      if k.startswith(name + "_bucket"))
@@ -234,6 +291,16 @@ def mirror_figures(server: Server, before: dict[str, float], after: dict[str, fl
     }
 
 
+def start_profiles(server: Server, a: argparse.Namespace, c: int, r: int,
+                   on: bool) -> dict[str, Profile]:
+    if a.profile != c:
+        return {}
+    pid = requests.get(server.url + "/mirror", timeout=30).json()["primary"]["pid"]
+    base = os.path.join(a.log_dir, f"pyspy-r{r}-{'on' if on else 'paused'}-c{c}")
+    return {"all": Profile(a.py_spy, pid, base + "-all.txt", gil=False),
+            "gil": Profile(a.py_spy, pid, base + "-gil.txt", gil=True)}
+
+
 def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
     """N rounds of (paused, on) or (on, paused) in one server; paired ratios."""
     url = server.url
@@ -253,11 +320,14 @@ def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
             # Prompts of their own per side: the second side of a round must not hit
             # the prefix cache the first one filled.
             seed = 100000 * r + (50000 if on else 0)
-            side = {"decode_tps": {c: round(decode_tps(url, c, a.prompt_words, a.output_len,
-                                                       seed + 1000 * c), 1)
-                                   for c in a.concurrency},
-                    "ttft_s": round(ttft(url, prompt(7000 + 2 * r + on, a.long_prompt_words)),
-                                    4)}
+            side: dict = {"decode_tps": {}}
+            for c in a.concurrency:
+                profiles = start_profiles(server, a, c, r, on)
+                side["decode_tps"][c] = round(decode_tps(url, c, a.prompt_words, a.output_len,
+                                                         seed + 1000 * c), 1)
+                if profiles:
+                    side["profile"] = {k: p.stop() for k, p in profiles.items()}
+            side["ttft_s"] = round(ttft(url, prompt(7000 + 2 * r + on, a.long_prompt_words)), 4)
             if on:
                 server.wait_mirror(a.timeout)  # what the timed part queued, confirmed
                 on_seconds += time.monotonic() - t0
@@ -316,6 +386,10 @@ def main() -> None:
                     help="measure off (paused) and on inside each mirrored server, ROUNDS "
                          "alternating rounds (see above); the plain server still runs first "
                          "unless --no-baseline")
+    ap.add_argument("--profile", type=int, default=None, metavar="C",
+                    help="with --interleave: py-spy the primary engine while concurrency C "
+                         "decodes, on both sides of every round (see above)")
+    ap.add_argument("--py-spy", default="py-spy", help="the py-spy binary for --profile")
     ap.add_argument("--no-baseline", action="store_true",
                     help="with --interleave: skip the plain server")
     ap.add_argument("--timeout", type=float, default=900)

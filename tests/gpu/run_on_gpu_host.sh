@@ -2,7 +2,8 @@
 # Run the GPU-host part of the test suite. On the GPU host, after ../shared/gpu's staged
 # install (". /tmp/stage/install.sh" puts upstream vLLM 0.26.0 in /tmp/site):
 #   bash tests/gpu/run_on_gpu_host.sh [apply|check|test|all]   (logs under $OUT or ./gpu-out)
-#   [INTERLEAVE=10] bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b   (benchmarks/mirror_serve.py)
+#   [INTERLEAVE=10] [PROFILE=128] bash tests/gpu/run_on_gpu_host.sh bench-mirror 1b|8b
+#                                     (benchmarks/mirror_serve.py; PROFILE: py-spy at that concurrency)
 #   MODES=mirrored bash tests/gpu/run_on_gpu_host.sh bench-failover   (benchmarks/failover_serve.py)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh mirror    (the mirror e2e test on CUDA)
 #   [PYTEST_K=...] bash tests/gpu/run_on_gpu_host.sh failover  (the failover e2e test on CUDA)
@@ -88,9 +89,13 @@ if [ "$what" = bench-mirror ]; then
     --concurrency 1 32 128 --repeats ${REPEATS:-5} --output-len ${OUTPUT_LEN:-256} \
     --transports ${TRANSPORTS:-staged} ${BASELINE_AGAIN:+--baseline-again} \
     ${INTERLEAVE:+--interleave $INTERLEAVE} ${NO_BASELINE:+--no-baseline} \
+    ${PROFILE:+--profile $PROFILE --py-spy ${PY_SPY:-py-spy}} \
     --out "$LOG/mirror_serve_$shape.json" \
     2>&1 | tee "$LOG/bench-mirror-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  # The stacks as one file (the device tool brings back a few files per call).
+  ls "$LOG"/pyspy-* > /dev/null 2>&1 && tar czf "$LOG/pyspy-$shape.tgz" -C "$LOG" \
+    $(cd "$LOG" && ls pyspy-*.txt) && rm -f "$LOG"/pyspy-*.txt
 fi
 if [ "$what" = bench-failover ]; then
   # ~1B shape; MODES="mirrored" or "baseline" to split the run over calls, STREAMS="1 16 64".

@@ -31,6 +31,9 @@ STREAMS = 8
 MAX_TOKENS = 600  # long enough that a kill lands mid-decode on a fast box
 # Room for every stream at once (no preemption: recomputation is the failover's alone).
 FO_ARGS = [("1024" if a == str(NUM_BLOCKS) else a) for a in ARGS]
+# The hung-engine test's streams run to the tiny model's 2,048 positions.
+FO_ARGS[FO_ARGS.index("--max-model-len") + 1] = "2048"
+HUNG_MAX_TOKENS = 1800
 STEP_TIMEOUT = 5
 FO_ARGS += ["--mirror-step-timeout", str(STEP_TIMEOUT),
             # Tokens reach clients 4 at a time: less work for the API server, which
@@ -281,16 +284,18 @@ def test_kill_during_prefill_and_right_after_a_request_finished(server):
 
 def test_a_hung_primary_is_killed_after_the_step_timeout_and_fails_over(server):
     ps = prompts(400)[:4]
-    refs = reference(server, ps)
+    # Three times the other tests' streams: a client reading streams lags the engine
+    # by seconds on a loaded box, and 600 tokens were once all decoded before the
+    # SIGSTOP below (a hung engine with nothing to do is never noticed).
+    refs = reference(server, ps, max_tokens=HUNG_MAX_TOKENS)
     failovers = server.get("/mirror").json()["failovers"]
     pid = server.get("/mirror").json()["primary"]["pid"]
-    streams = [Stream(server, p) for p in ps]
+    streams = [Stream(server, p, max_tokens=HUNG_MAX_TOKENS) for p in ps]
     for s in streams:
         s.start()
     deadline = time.monotonic() + 120
-    # Every stream has begun: stop now (a client reading streams lags the engine by
-    # seconds on a loaded box; waiting for more tokens let the engine finish first,
-    # and a hung engine with nothing to do is never noticed).
+    # Every stream has begun: stop now (waiting for more tokens let the engine finish
+    # first).
     while min(len(s.tokens) for s in streams) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.005)

@@ -98,7 +98,7 @@ def test_indices_address_every_layer_of_a_block():
     regions = [KVRegion(0, 10, 64, 0), KVRegion(10_000, 10, 64, 0)]
     transport = MirrorTransport.__new__(MirrorTransport)
     transport.regions, transport.num_blocks = regions, 10
-    assert transport.indices([0, 7]) == [0, 7, 10, 17]
+    assert transport.indices([0, 7]).tolist() == [0, 7, 10, 17]
 
 
 def test_layout_mismatch_is_refused_before_any_transfer():

@@ -37,6 +37,11 @@ class MirroredBlock:
     block_hash: BlockHashWithGroupId
     num_tokens: int | None
 
+    def __reduce__(self):
+        # Every step's ops are pickled to the standby on the scheduler's thread: a
+        # plain tuple pickles ~40 % faster than a frozen dataclass's default state.
+        return (MirroredBlock, (self.block_id, self.block_hash, self.num_tokens))
+
 
 @dataclass
 class MirrorStepOps:

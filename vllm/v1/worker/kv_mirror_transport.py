@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 
@@ -241,9 +243,15 @@ class MirrorTransport:
     def connected(self) -> bool:
         return self._remote is not None
 
-    def indices(self, block_ids: Sequence[int]) -> list[int]:
-        n = self.num_blocks
-        return [r * n + b for r in range(len(self.regions)) for b in block_ids]
+    @cached_property
+    def _region_base(self) -> np.ndarray:
+        return np.arange(len(self.regions), dtype=np.int32) * self.num_blocks
+
+    def indices(self, block_ids: Sequence[int]) -> np.ndarray:
+        """Descriptor indices of ``block_ids`` in every region, region-major. int32:
+        NIXL takes the array as is, where a list is converted element by element under
+        the GIL that the engine's own thread needs."""
+        return (self._region_base[:, None] + np.asarray(block_ids, dtype=np.int32)).ravel()
 
     def write(self, block_ids: Sequence[int], seq: int) -> Any:
         """Start step ``seq``'s WRITE of ``block_ids`` (all layers); a handle to poll."""

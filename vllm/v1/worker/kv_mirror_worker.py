@@ -392,7 +392,10 @@ class WorkerMirror:
         if self._thread is None:
             self.pusher.push(ops)
             return
-        ready = torch.cuda.Event()
+        # Blocking: the push thread sleeps in synchronize() instead of spinning a core
+        # beside the engine's own thread (py-spy on the H100: a spinning wait was a
+        # quarter of the process's samples at ~1B, c=128).
+        ready = torch.cuda.Event(blocking=True)
         ready.record()  # after the forward's KV writes on the current stream
         self._thread.push(ops, ready, self.forwards)
 
