@@ -158,6 +158,9 @@ def test_host_arena_packs_planes_into_segments_and_reuses_them(monkeypatch):
         base = max(b for b in bases if b <= v.data_ptr())
         assert v.numel() == n and (v.data_ptr() - base) % arena.ALIGN == 0
         assert v.is_pinned() == ON_CUDA  # CUDA: registered with the driver
+    # Registered huge-page mappings, not the cudaHostAlloc fallback (it also pins), even
+    # in a process where nothing used CUDA before the arena.
+    assert len(arena.unregister_on_collect) == (len(arena.segments) if ON_CUDA else 0)
     ends = sorted((v.data_ptr(), v.data_ptr() + v.numel()) for v in views)
     assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no two overlap
     big = arena.take(100 << 10)  # larger than a segment: a segment of its own

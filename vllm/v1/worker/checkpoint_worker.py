@@ -354,9 +354,29 @@ _CU_MEMHOSTREGISTER_PORTABLE = 0x01
 def _register_host(ptr: int, nbytes: int) -> None:
     from cuda.bindings import driver
 
+    _make_context_current(driver)
     err, = driver.cuMemHostRegister(ptr, nbytes, _CU_MEMHOSTREGISTER_PORTABLE)
     if err != driver.CUresult.CUDA_SUCCESS:
         raise CheckpointWorkerError(f"cuMemHostRegister: {getattr(err, 'name', err)}")
+
+
+def _make_context_current(driver) -> None:
+    """The device's primary context (torch's) current on this thread. The driver API
+    needs one, and torch makes it current only on a thread's first CUDA work: an arena
+    pinned before any failed with CUDA_ERROR_NOT_INITIALIZED, or INVALID_CONTEXT, and
+    fell back to 4 KiB pages (seen on the H100)."""
+    err, ctx = driver.cuCtxGetCurrent()
+    if err == driver.CUresult.CUDA_SUCCESS and int(ctx):
+        return
+    torch.cuda.init()  # cuInit and torch's own device state
+    err, dev = driver.cuDeviceGet(torch.cuda.current_device())
+    if err == driver.CUresult.CUDA_SUCCESS:
+        # Retained for the process's life, as torch's own retain of the same context.
+        err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
+    if err == driver.CUresult.CUDA_SUCCESS:
+        err, = driver.cuCtxSetCurrent(ctx)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise CheckpointWorkerError(f"no CUDA context: {getattr(err, 'name', err)}")
 
 
 def _unregister_host(ptr: int) -> None:
