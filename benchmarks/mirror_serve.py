@@ -194,6 +194,13 @@ class Profile:
 
 
 MIRROR_FRAMES = ("kv_mirror", "mirror_supervisor", "v1/engine/mirror")
+# Mirror frames that only wrap upstream work (the model runner's output, collected
+# through the wrapper that attaches the mirror's completions to it).
+MIRROR_WRAPPERS = ("_MirroredAsyncOutput.get_output",)
+
+
+def _is_mirror_frame(frame: str) -> bool:
+    return any(m in frame for m in MIRROR_FRAMES) and not frame.startswith(MIRROR_WRAPPERS)
 
 
 def summarize_profile(path: str) -> dict:
@@ -213,7 +220,7 @@ def summarize_profile(path: str) -> dict:
         thread = frames[0].split(": ", 1)[-1]  # --threads: "thread (TID): NAME" first
         threads[thread] = threads.get(thread, 0) + count
         total += count
-        if any(m in f for f in frames for m in MIRROR_FRAMES):
+        if any(_is_mirror_frame(f) for f in frames):
             mirror += count
     if not total:
         return {"samples": 0}
