@@ -20,7 +20,8 @@ the peer); the plain server run first says whether that differs from no mirror a
 
 ``--profile C --py-spy PATH`` samples the primary engine process with py-spy while
 concurrency C decodes, on both sides of every round: once every thread that is not
-idle, once only the thread holding the GIL (``--gil``). The summary gives each
+idle, once only the thread holding the GIL (``--gil``); both sides alike run under
+the two samplers. The summary gives each
 thread's share of the samples and the share spent in the mirror's own code, on vs
 paused; the raw stacks stay in --log-dir.
 """
@@ -179,8 +180,9 @@ class Profile:
         self.out = out
         cmd = [py_spy, "record", "--pid", str(pid), "--nonblocking", "--threads",
                "--rate", "250", "--format", "raw", "--output", out, "--duration", "3600"]
-        self.proc = subprocess.Popen(cmd + (["--gil"] if gil else []),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        with open(out[:-len(".txt")] + ".log", "w") as log:  # an attach failure says why
+            self.proc = subprocess.Popen(cmd + (["--gil"] if gil else []),
+                                         stdout=log, stderr=subprocess.STDOUT)
         time.sleep(1.0)  # attached before the work starts
 
     def stop(self) -> dict:
@@ -189,11 +191,13 @@ class Profile:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
             return {"error": "py-spy did not stop"}
         return summarize_profile(self.out)
 
 
-MIRROR_FRAMES = ("kv_mirror", "mirror_supervisor", "v1/engine/mirror")
+# The engine process's mirror modules (the supervisor runs in the API server).
+MIRROR_FRAMES = ("kv_mirror", "v1/engine/mirror")
 # Mirror frames that only wrap upstream work (the model runner's output, collected
 # through the wrapper that attaches the mirror's completions to it).
 MIRROR_WRAPPERS = ("_MirroredAsyncOutput.get_output",)
@@ -204,7 +208,8 @@ def _is_mirror_frame(frame: str) -> bool:
 
 
 def summarize_profile(path: str) -> dict:
-    """Shares of the samples per thread, and of the samples in the mirror's code."""
+    """Shares of the samples per thread, and of the samples with the mirror's code on
+    the stack (the NIXL and torch calls it makes included)."""
     threads: dict[str, int] = {}
     mirror = total = 0
     try:
@@ -298,17 +303,31 @@ def mirror_figures(server: Server, before: dict[str, float], after: dict[str, fl
     }
 
 
-def start_profiles(server: Server, a: argparse.Namespace, c: int, r: int,
-                   on: bool) -> dict[str, Profile]:
+def profiled_decode_tps(server: Server, a: argparse.Namespace, c: int, seed: int,
+                        name: str, side: dict) -> tuple[float, float]:
+    """decode_tps at concurrency ``c``, under py-spy when ``c`` is --profile's; also the
+    seconds the profilers themselves took (attach, write), which the mirror's rates
+    must not count as serving time."""
     if a.profile != c:
-        return {}
+        return decode_tps(server.url, c, a.prompt_words, a.output_len, seed), 0.0
+    t0 = time.monotonic()
     pid = requests.get(server.url + "/mirror", timeout=30).json()["primary"]["pid"]
-    base = os.path.join(a.log_dir, f"pyspy-r{r}-{'on' if on else 'paused'}-c{c}")
-    return {"all": Profile(a.py_spy, pid, base + "-all.txt", gil=False),
-            "gil": Profile(a.py_spy, pid, base + "-gil.txt", gil=True)}
+    base = os.path.join(a.log_dir, f"pyspy-{name}-c{c}")
+    profiles: dict[str, Profile] = {}
+    overhead = 0.0
+    try:
+        profiles["all"] = Profile(a.py_spy, pid, base + "-all.txt", gil=False)
+        profiles["gil"] = Profile(a.py_spy, pid, base + "-gil.txt", gil=True)
+        overhead += time.monotonic() - t0
+        tps = decode_tps(server.url, c, a.prompt_words, a.output_len, seed)
+    finally:
+        t1 = time.monotonic()
+        side["profile"] = {k: p.stop() for k, p in profiles.items()}
+        overhead += time.monotonic() - t1
+    return tps, overhead
 
 
-def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
+def run_interleaved(server: Server, a: argparse.Namespace, label: str) -> dict:
     """N rounds of (paused, on) or (on, paused) in one server; paired ratios."""
     url = server.url
     res: dict = {"startup_s": round(server.startup_s, 1),
@@ -328,16 +347,17 @@ def run_interleaved(server: Server, a: argparse.Namespace) -> dict:
             # the prefix cache the first one filled.
             seed = 100000 * r + (50000 if on else 0)
             side: dict = {"decode_tps": {}}
+            profiler_s = 0.0
             for c in a.concurrency:
-                profiles = start_profiles(server, a, c, r, on)
-                side["decode_tps"][c] = round(decode_tps(url, c, a.prompt_words, a.output_len,
-                                                         seed + 1000 * c), 1)
-                if profiles:
-                    side["profile"] = {k: p.stop() for k, p in profiles.items()}
+                tps, spent = profiled_decode_tps(server, a, c, seed + 1000 * c,
+                                                 f"{label}-r{r}-{'on' if on else 'paused'}",
+                                                 side)
+                side["decode_tps"][c] = round(tps, 1)
+                profiler_s += spent
             side["ttft_s"] = round(ttft(url, prompt(7000 + 2 * r + on, a.long_prompt_words)), 4)
             if on:
                 server.wait_mirror(a.timeout)  # what the timed part queued, confirmed
-                on_seconds += time.monotonic() - t0
+                on_seconds += time.monotonic() - t0 - profiler_s
                 for k, v in server.metrics().items():
                     if k.startswith(("vllm:mirror_lag_steps", "vllm:mirror_confirm_steps",
                                      "vllm:mirror_push_seconds")):
@@ -403,6 +423,8 @@ def main() -> None:
     ap.add_argument("--log-dir", default=".")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.profile is not None and (not a.interleave or a.profile not in a.concurrency):
+        ap.error("--profile C needs --interleave and C among --concurrency")
 
     # Dev mode only adds the /mirror/verify route, read once after the timed part.
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
@@ -422,7 +444,7 @@ def main() -> None:
                         env, a.timeout)
         try:
             if a.interleave and label.startswith("on"):
-                results[label] = run_interleaved(server, a)
+                results[label] = run_interleaved(server, a, label)
             else:
                 results[label] = run(server, a, mirrored=label.startswith("on"))
         finally:

@@ -91,3 +91,19 @@ def checkpoint_chunk_bytes() -> int | None:
         raise ValueError(f"VLLM_HA_CHECKPOINT_CHUNK_MIB={raw!r}: expected a positive "
                          "number of MiB")
     return mib << 20
+
+
+def checkpoint_upload_ahead() -> int | None:
+    """``VLLM_HA_CHECKPOINT_UPLOAD_AHEAD``: how many chunks a ``/restore`` uploads
+    ahead of the one it decodes (default 3; 1 is the previous pipeline, for
+    benchmarks). Each holds up to a chunk of device memory while it waits."""
+    raw = os.environ.get("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD")
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"VLLM_HA_CHECKPOINT_UPLOAD_AHEAD={raw!r}: expected a positive integer")
+    return n

@@ -16,6 +16,7 @@ import torch
 
 from tests.utils import ON_CUDA
 from tests.v1.core.test_kv_mirror import make_manager, make_request, prefill
+from vllm.ha import envs as ha_envs
 from vllm.v1.engine.checkpoint import blocks_in_use
 from vllm.v1.worker import checkpoint_worker as cw
 
@@ -158,8 +159,8 @@ def test_host_arena_packs_planes_into_segments_and_reuses_them(monkeypatch):
         base = max(b for b in bases if b <= v.data_ptr())
         assert v.numel() == n and (v.data_ptr() - base) % arena.ALIGN == 0
         assert v.is_pinned() == ON_CUDA  # CUDA: registered with the driver
-    # Registered huge-page mappings, not the cudaHostAlloc fallback (it also pins), even
-    # in a process where nothing used CUDA before the arena.
+    # Registered huge-page mappings, not the cudaHostAlloc fallback (it also pins; run
+    # alone in a fresh process this test once got the fallback).
     assert len(arena.unregister_on_collect) == (len(arena.segments) if ON_CUDA else 0)
     ends = sorted((v.data_ptr(), v.data_ptr() + v.numel()) for v in views)
     assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no two overlap
@@ -269,6 +270,24 @@ def test_checkpoint_chunk_size_follows_the_environment(monkeypatch):
     monkeypatch.setenv("VLLM_HA_CHECKPOINT_CHUNK_MIB", "0")
     with pytest.raises(ValueError, match="VLLM_HA_CHECKPOINT_CHUNK_MIB"):
         cw._checkpoint_chunk_bytes()
+
+
+def test_restore_writes_every_byte_whatever_it_uploads_ahead(monkeypatch):
+    """CUDA: chunks upload 1, 2 or 8 ahead of the decode (more than the image holds);
+    every byte lands where it came from."""
+    worker = cpu_worker()
+    kv = worker.model_runner.kv_caches[0]
+    before = kv.clone()
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 256)  # NUM_BLOCKS // 2 chunks: the window slides
+    for depth in ("1", "2", "8"):
+        monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", depth)
+        ckpt = cw.WorkerCheckpoint(worker)
+        ckpt.offload(list(range(NUM_BLOCKS)), "zlib")
+        ckpt.restore()
+        assert torch.equal(kv, before), depth
+    monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", "x")
+    with pytest.raises(ValueError, match="VLLM_HA_CHECKPOINT_UPLOAD_AHEAD"):
+        ha_envs.checkpoint_upload_ahead()
 
 
 def test_offload_is_chunked(monkeypatch):

@@ -24,6 +24,7 @@ import mmap
 import os
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -371,7 +372,7 @@ def _make_context_current(driver) -> None:
     torch.cuda.init()  # cuInit and torch's own device state
     err, dev = driver.cuDeviceGet(torch.cuda.current_device())
     if err == driver.CUresult.CUDA_SUCCESS:
-        # Retained for the process's life, as torch's own retain of the same context.
+        # Retained for the process's life, as the CUDA runtime retains it for torch.
         err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
     if err == driver.CUresult.CUDA_SUCCESS:
         err, = driver.cuCtxSetCurrent(ctx)
@@ -383,6 +384,8 @@ def _unregister_host(ptr: int) -> None:
     try:
         from cuda.bindings import driver
 
+        # The last reference may go on any thread: the registration's context current.
+        _make_context_current(driver)
         driver.cuMemHostUnregister(ptr)
     except Exception:  # the process is going; nothing to hand back to
         pass
@@ -464,14 +467,21 @@ class WriteBack:
     then: Callable[[torch.Tensor], None] | None = None
 
 
+# Chunks uploaded ahead of the one decoding (each up to CHUNK_BYTES of device memory).
+# One ahead left the link idle whenever a chunk's decode calls took the host longer
+# than the next chunk's upload, and a device-wide sync per chunk waited for the upload
+# in flight as well: ~8B weights reloaded in 0.29 s where PCIe allows ~0.18 s.
+WRITE_BACK_AHEAD = 3
+
+
 def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
                device: torch.device) -> int:
     """Decode every job's chunk into its target; returns the raw bytes written.
 
-    On CUDA the upload of chunk i+1 (PCIe, a side stream) runs while chunk i decodes:
-    the copy of the compressed bytes, not the decode, bounds a restore (the decode
-    runs at ~190 GB/s on the H100, PCIe at ~50), so each chunk costs the longer of
-    the two instead of their sum.
+    On CUDA the uploads of the next chunks (PCIe, a side stream) run while chunk i
+    decodes: the copy of the compressed bytes, not the decode, bounds a restore (the
+    decode runs at ~190 GB/s on the H100, PCIe at ~50), so the link should never wait
+    for the host.
     """
     written = 0
     if device.type != "cuda":
@@ -483,6 +493,7 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
             written += job.chunk.nbytes
         return written
     side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
 
     def upload(job: WriteBack) -> tuple[WriteBack, list[torch.Tensor], torch.cuda.Event]:
         with torch.cuda.stream(side):
@@ -491,22 +502,35 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
             done.record(side)
         return job, parts, done
 
+    from vllm.ha import envs as ha_envs
+
+    depth = ha_envs.checkpoint_upload_ahead() or WRITE_BACK_AHEAD
     it = iter(jobs)
-    job = next(it, None)
-    nxt = upload(job) if job is not None else None
-    while nxt is not None:
-        job, parts, done = nxt
+    ahead: deque[tuple[WriteBack, list[torch.Tensor], torch.cuda.Event]] = deque()
+
+    def refill() -> None:
+        while len(ahead) < depth:
+            following = next(it, None)
+            if following is None:
+                return
+            ahead.append(upload(following))
+
+    refill()
+    while ahead:
+        job, parts, done = ahead.popleft()
         # The host waits for this chunk's bytes whatever stream nvCOMP decodes on.
         done.synchronize()
-        following = next(it, None)
-        nxt = upload(following) if following is not None else None
+        refill()
         out = job.target()
         decoded = _decode(codec, job.chunk, parts, out)
         if job.then is not None:
             job.then(out)
         # nvCOMP frees its outputs outside torch's stream-ordered allocator, and the
-        # side stream's buffers are freed on this one: settle before they go.
-        _settle(out)
+        # side stream's buffers are freed on this one: wait for this chunk's own work
+        # (not, as a device-wide sync would, for the uploads ahead) before they go.
+        consumed = torch.cuda.Event()
+        consumed.record(main)
+        consumed.synchronize()
         written += job.chunk.nbytes
         del parts, out, decoded
     return written
