@@ -48,6 +48,8 @@ VARIANTS = {
     # A restore pays a fixed cost per chunk.
     "chunk-512": ({"VLLM_HA_CHECKPOINT_CHUNK_MIB": "512"}, ["--checkpoint-prepin"],
                   "ha with the image in 512 MiB chunks"),
+    "prepin-13": ({}, ["--checkpoint-prepin", "13"],
+                  "ha pinning 13 GiB at start: ~8B's compressed weights and KV kept"),
     "ahead-1": ({"VLLM_HA_CHECKPOINT_UPLOAD_AHEAD": "1"}, ["--checkpoint-prepin"],
                 "ha uploading one chunk ahead of the decode (the tenth session's pipeline)"),
 }

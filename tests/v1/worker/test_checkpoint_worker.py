@@ -272,6 +272,17 @@ def test_checkpoint_chunk_size_follows_the_environment(monkeypatch):
         cw._checkpoint_chunk_bytes()
 
 
+def test_prepin_pins_what_it_is_asked_for(monkeypatch):
+    """``--checkpoint-prepin GIB``: that many bytes, in whole segments (CUDA); the CPU
+    build's image is plain memory, nothing to pin."""
+    monkeypatch.setattr(cw.HostArena, "SEGMENT_BYTES", 64 << 10)
+    ckpt = cw.WorkerCheckpoint(cpu_worker())
+    got = ckpt.prepin(0.7, nbytes=200 << 10)
+    assert got["host_pinned"] == (256 << 10 if ON_CUDA else 0)
+    got = ckpt.prepin(0.7, nbytes=100 << 10)  # already there: nothing more
+    assert got["host_pinned"] == (256 << 10 if ON_CUDA else 0)
+
+
 def test_restore_writes_every_byte_whatever_it_uploads_ahead(monkeypatch):
     """CUDA: chunks upload 1, 2 or 8 ahead of the decode (more than the image holds);
     every byte lands where it came from."""

@@ -369,12 +369,14 @@ class CheckpointManager:
                     ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()),
                     "released" if self.released else "not released")
 
-    async def prepin(self) -> None:
-        """``--checkpoint-prepin``: pin the host memory of a checkpoint image at server
-        start, so even the first ``/checkpoint`` releases the GPU in seconds."""
+    async def prepin(self, gib: float | None = None) -> None:
+        """``--checkpoint-prepin [GIB]``: pin the host memory of a checkpoint image at
+        server start (``gib`` per worker, else PREPIN_FRACTION of its weights), so even
+        the first ``/checkpoint`` releases the GPU in seconds."""
         t0 = time.perf_counter()
+        nbytes = None if gib is None else int(gib * 2**30)
         try:
-            result = await self._utility("checkpoint_prepin", PREPIN_FRACTION)
+            result = await self._utility("checkpoint_prepin", PREPIN_FRACTION, nbytes)
         except Exception as e:
             # Serving matters more than a faster first checkpoint.
             logger.error("--checkpoint-prepin: nothing pinned (%s); the first "

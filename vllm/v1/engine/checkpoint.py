@@ -78,10 +78,12 @@ class EngineCoreCheckpointMixin:
                 "kv_raw": sum(p["kv_raw"] for p in plans),
                 "host_pinned": sum(p.get("host_pinned", 0) for p in plans)}
 
-    def checkpoint_prepin(self, fraction: float) -> dict[str, Any]:
-        """Every worker pins host memory for its next checkpoint image now."""
+    def checkpoint_prepin(self, fraction: float, nbytes: int | None = None
+                          ) -> dict[str, Any]:
+        """Every worker pins host memory for its next checkpoint image now: ``nbytes``,
+        else ``fraction`` of its weights' bytes."""
         workers = self.model_executor.collective_rpc(  # type: ignore[attr-defined]
-            rpc_checkpoint_prepin, args=(fraction,))
+            rpc_checkpoint_prepin, args=(fraction, nbytes))
         return {"workers": workers}
 
     def checkpoint_offload(self, keep_kv: bool, codec: str) -> dict[str, Any]:

@@ -616,13 +616,15 @@ class WorkerCheckpoint(WorkerPart):
         return {"weights_raw": weights, "kv_raw": per_block * len(kv_block_ids),
                 "host_pinned": self.arena.capacity if self.arena is not None else 0}
 
-    def prepin(self, fraction: float) -> dict[str, Any]:
-        """Pin host memory for ``fraction`` of the weights' raw bytes now (server
-        start), so the first checkpoint does not pin while the engine is paused."""
+    def prepin(self, fraction: float, nbytes: int | None = None) -> dict[str, Any]:
+        """Pin host memory now (server start): ``nbytes``, else ``fraction`` of the
+        weights' raw bytes, so the first checkpoint does not pin while the engine is
+        paused."""
         if self.arena is None:
             return {"pid": os.getpid(), "host_pinned": 0, "seconds": 0.0}
         t0 = time.perf_counter()
-        self.arena.reserve(int(self.plan([])["weights_raw"] * fraction))
+        self.arena.reserve(nbytes if nbytes is not None
+                           else int(self.plan([])["weights_raw"] * fraction))
         return {"pid": os.getpid(), "host_pinned": self.arena.capacity,
                 "seconds": time.perf_counter() - t0}
 
@@ -807,5 +809,6 @@ def rpc_checkpoint_abort(worker: Any) -> dict[str, Any]:
     return WorkerCheckpoint.of(worker).abort()
 
 
-def rpc_checkpoint_prepin(worker: Any, fraction: float) -> dict[str, Any]:
-    return WorkerCheckpoint.of(worker).prepin(fraction)
+def rpc_checkpoint_prepin(worker: Any, fraction: float, nbytes: int | None = None
+                          ) -> dict[str, Any]:
+    return WorkerCheckpoint.of(worker).prepin(fraction, nbytes)

@@ -27,6 +27,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from vllm.entrypoints.serve.admin_auth import authorized
+from vllm.entrypoints.serve.checkpoint.snapshot_args import PREPIN_AUTO
 from vllm.entrypoints.serve.mirror.api_router import _generation
 from vllm.v1.checkpoint.manager import (
     CheckpointCallError,
@@ -166,8 +167,9 @@ def _start_with_server(app: FastAPI) -> None:
         async with upstream(app) as state:
             manager = _manager(app)
             if manager is not None:
-                if getattr(getattr(app.state, "args", None), "checkpoint_prepin", False):
-                    await manager.prepin()
+                prepin = getattr(getattr(app.state, "args", None), "checkpoint_prepin", None)
+                if prepin:
+                    await manager.prepin(None if prepin == PREPIN_AUTO else prepin)
                 manager.snapshots.start_periodic(lambda: manager.lifecycle.accepting)
             try:
                 yield state

@@ -56,12 +56,32 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "Fast restart (vLLM-HA)",
         "POST /checkpoint and POST /restore (docs/checkpoint.md).")
     restart.add_argument(
-        "--checkpoint-prepin", action="store_true", default=False,
-        help="Pin host memory for a checkpoint image (0.7x the weights' bytes, what "
-        "compressed bf16 weights need) while the server starts, so the first POST "
-        "/checkpoint does not pin it while the engine is paused (10 GiB in 1.3-2.7 s "
-        "on an H100 host); KV blocks kept and larger images pin the rest then. The "
-        "memory stays pinned for later checkpoints.")
+        "--checkpoint-prepin", nargs="?", const=PREPIN_AUTO, default=None,
+        type=prepin_gib, metavar="GIB",
+        help="Pin host memory for a checkpoint image while the server starts, so the "
+        "first POST /checkpoint does not pin it while the engine is paused (10 GiB in "
+        "1.3-2.7 s on an H100 host): 0.7x the weights' bytes (what compressed bf16 "
+        "weights need), or GIB per worker to leave room for the KV blocks a "
+        "checkpoint keeps (compressed, ~0.7x their bytes). What does not fit is pinned "
+        "during the checkpoint. The memory stays pinned for later checkpoints.")
+
+
+PREPIN_AUTO = "auto"
+
+
+def prepin_gib(value: str) -> float | str:
+    """``--checkpoint-prepin [GIB]``: a positive number of GiB, or ``auto`` (the flag
+    alone)."""
+    if value == PREPIN_AUTO:
+        return value
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0 or gib == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of GiB (or the flag alone), got {value!r}")
+    return gib
 
 
 def _error(flag: str, message: str) -> SystemExit:
