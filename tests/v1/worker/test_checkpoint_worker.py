@@ -276,26 +276,32 @@ def test_prepin_pins_what_it_is_asked_for(monkeypatch):
     """``--checkpoint-prepin GIB``: that many bytes, in whole segments (CUDA); the CPU
     build's image is plain memory, nothing to pin."""
     monkeypatch.setattr(cw.HostArena, "SEGMENT_BYTES", 64 << 10)
-    ckpt = cw.WorkerCheckpoint(cpu_worker())
+    worker = cpu_worker()
+    worker.device = str(DEVICE)  # only the arena is used: no model on the device
+    ckpt = cw.WorkerCheckpoint(worker)
     got = ckpt.prepin(0.7, nbytes=200 << 10)
     assert got["host_pinned"] == (256 << 10 if ON_CUDA else 0)
     got = ckpt.prepin(0.7, nbytes=100 << 10)  # already there: nothing more
     assert got["host_pinned"] == (256 << 10 if ON_CUDA else 0)
 
 
-def test_restore_writes_every_byte_whatever_it_uploads_ahead(monkeypatch):
-    """CUDA: chunks upload 1, 2 or 8 ahead of the decode (more than the image holds);
-    every byte lands where it came from."""
-    worker = cpu_worker()
-    kv = worker.model_runner.kv_caches[0]
-    before = kv.clone()
-    monkeypatch.setattr(cw, "CHUNK_BYTES", 256)  # NUM_BLOCKS // 2 chunks: the window slides
-    for depth in ("1", "2", "8"):
-        monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", depth)
-        ckpt = cw.WorkerCheckpoint(worker)
-        ckpt.offload(list(range(NUM_BLOCKS)), "zlib")
-        ckpt.restore()
-        assert torch.equal(kv, before), depth
+@pytest.mark.parametrize("depth", ["1", "2", "8"])
+def test_write_back_is_exact_however_far_it_uploads_ahead(depth, monkeypatch):
+    """CUDA: chunks upload 1, 2 or 8 (more than there are) ahead of the decode, and
+    retire a chunk late; every byte lands in its target."""
+    monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", depth)
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 8192)
+    region = bf16_weights(5 * 4096 + 3).view(torch.uint8)[:-1]
+    c = cw.make_codec(CODECS[-1], DEVICE)  # nvCOMP on CUDA
+    chunks = [cw._encode(c, chunk, off, pin=ON_CUDA) for off, chunk in cw._chunks(region)]
+    out = torch.zeros_like(region)
+    jobs = (cw.WriteBack(ch, lambda ch=ch: out[ch.offset:ch.offset + ch.nbytes])
+            for ch in chunks)
+    assert cw.write_back(c, jobs, DEVICE) == region.numel()
+    assert torch.equal(out, region)
+
+
+def test_upload_ahead_refuses_what_is_not_a_count(monkeypatch):
     monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", "x")
     with pytest.raises(ValueError, match="VLLM_HA_CHECKPOINT_UPLOAD_AHEAD"):
         ha_envs.checkpoint_upload_ahead()
