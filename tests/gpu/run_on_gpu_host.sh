@@ -94,8 +94,9 @@ if [ "$what" = bench-mirror ]; then
     2>&1 | tee "$LOG/bench-mirror-$shape.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   # The stacks as one file (the device tool brings back a few files per call).
-  compgen -G "$LOG/pyspy-*.txt" > /dev/null && tar czf "$LOG/pyspy-$shape.tgz" -C "$LOG" \
-    $(cd "$LOG" && ls pyspy-*.txt pyspy-*.log) && rm -f "$LOG"/pyspy-*.txt "$LOG"/pyspy-*.log
+  compgen -G "$LOG/pyspy-*.log" > /dev/null && tar czf "$LOG/pyspy-$shape.tgz" -C "$LOG" \
+    $(cd "$LOG" && ls pyspy-*.txt pyspy-*.log 2>/dev/null) \
+    && rm -f "$LOG"/pyspy-*.txt "$LOG"/pyspy-*.log
 fi
 if [ "$what" = bench-failover ]; then
   # ~1B shape; MODES="mirrored" or "baseline" to split the run over calls, STREAMS="1 16 64".

@@ -301,10 +301,19 @@ def test_write_back_is_exact_however_far_it_uploads_ahead(depth, monkeypatch):
     assert torch.equal(out, region)
 
 
-def test_upload_ahead_refuses_what_is_not_a_count(monkeypatch):
+def test_upload_ahead_refuses_what_is_not_a_count_before_anything_is_released(monkeypatch):
     monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", "x")
     with pytest.raises(ValueError, match="VLLM_HA_CHECKPOINT_UPLOAD_AHEAD"):
         ha_envs.checkpoint_upload_ahead()
+    # Read at the checkpoint, not at the restore that would need it: the engine keeps
+    # its memory and serves on.
+    worker = cpu_worker()
+    kv = worker.model_runner.kv_caches[0]
+    before = kv.clone()
+    ckpt = cw.WorkerCheckpoint(worker)
+    with pytest.raises(ValueError, match="VLLM_HA_CHECKPOINT_UPLOAD_AHEAD"):
+        ckpt.offload(list(range(NUM_BLOCKS)), "zlib")
+    assert ckpt.image is None and torch.equal(kv, before)
 
 
 def test_offload_is_chunked(monkeypatch):

@@ -375,6 +375,15 @@ class CheckpointManager:
         the first ``/checkpoint`` releases the GPU in seconds."""
         t0 = time.perf_counter()
         nbytes = None if gib is None else int(gib * 2**30)
+        if nbytes is not None:
+            import psutil
+
+            free = psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+            if nbytes > free:
+                logger.error("--checkpoint-prepin %s: nothing pinned (%.1f GiB available "
+                             "after VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB); the first checkpoint "
+                             "pins while the engine is paused", gib, max(free, 0) / 2**30)
+                return
         try:
             result = await self._utility("checkpoint_prepin", PREPIN_FRACTION, nbytes)
         except Exception as e:

@@ -467,7 +467,10 @@ class WriteBack:
     then: Callable[[torch.Tensor], None] | None = None
 
 
-# Chunks uploaded ahead of the one decoding (each up to CHUNK_BYTES of device memory).
+# Chunks uploaded ahead of the one decoding. Device memory at the peak: these, the one
+# decoding and the one retiring (each a chunk's stored bytes, plus decoded planes or a
+# KV staging buffer for the last two): ~0.6-0.9 GiB with 128 MiB chunks, returned to
+# the driver at the end of a restore.
 # One ahead left the link idle whenever a chunk's decode calls took the host longer
 # than the next chunk's upload, and a device-wide sync per chunk waited for the upload
 # in flight as well: ~8B weights reloaded in 0.29 s where PCIe allows ~0.18 s.
@@ -529,23 +532,32 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
             retiring[0].synchronize()
             retiring = None
 
-    refill()
-    while ahead:
-        job, parts, done = ahead.popleft()
-        # The host waits for this chunk's bytes whatever stream nvCOMP decodes on.
-        done.synchronize()
+    try:
         refill()
-        out = job.target()
-        decoded = _decode(codec, job.chunk, parts, out)
-        if job.then is not None:
-            job.then(out)
-        consumed = torch.cuda.Event()
-        consumed.record(main)
+        while ahead:
+            job, parts, done = ahead.popleft()
+            # The host waits for this chunk's bytes whatever stream nvCOMP decodes on.
+            done.synchronize()
+            refill()
+            out = job.target()
+            # nvCOMP decodes on its own stream, which (like torch's default stream here)
+            # synchronizes with the legacy default stream: the copies out of its planes
+            # on ``main`` follow the decode, so ``consumed`` covers the decode too.
+            decoded = _decode(codec, job.chunk, parts, out)
+            if job.then is not None:
+                job.then(out)
+            consumed = torch.cuda.Event()
+            consumed.record(main)
+            retire()
+            retiring = (consumed, [parts, out, decoded])
+            written += job.chunk.nbytes
+            del parts, out, decoded
         retire()
-        retiring = (consumed, [parts, out, decoded])
-        written += job.chunk.nbytes
-        del parts, out, decoded
-    retire()
+    except BaseException:
+        # Uploads ahead and copies into the pool may still run: the caller unmaps the
+        # pool next (a retried restore maps it afresh), which must not happen under them.
+        torch.cuda.synchronize(device)
+        raise
     return written
 
 
@@ -680,7 +692,10 @@ class WorkerCheckpoint(WorkerPart):
         """Weights (and the KV blocks named) into ``image``; returns when the weights
         were done."""
         arena = self.arena
+        from vllm.ha import envs as ha_envs
+
         chunk_bytes = _checkpoint_chunk_bytes()
+        ha_envs.checkpoint_upload_ahead()  # a bad value fails here, not the restore
         for region in memory.regions(kv_caches):
             image.weights.append((region.data_ptr(), [
                 _encode(codec, c, off, pin, arena)
@@ -742,6 +757,7 @@ class WorkerCheckpoint(WorkerPart):
             kv_raw = write_back(codec, kv_jobs(), self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the write-back's transient buffers (~1 GiB)
         return weights_raw, kv_raw, t_weights
 
     def abort(self) -> dict[str, Any]:
