@@ -521,9 +521,9 @@ def write_back(codec: ByteplaneCodec | None, jobs: Iterable[WriteBack],
     # nvCOMP frees its outputs outside torch's stream-ordered allocator, and the side
     # stream's buffers are freed on this one: a chunk's buffers are kept until an event
     # after its own work has passed (not a device-wide sync, which would wait for the
-    # uploads ahead too). The previous chunk's, so its decode on the GPU overlaps the
-    # host's calls for this one (waiting on each at once made the weights' reload
-    # decode-then-host bound: ~36 GB/s where the link does ~55).
+    # uploads ahead too); the previous chunk's, so its decode on the GPU overlaps the
+    # host's calls for this one. ~8B on the H100: the reload 0.36 s at 57-62 GB/s, the
+    # weights' part still ~37 GB/s (nvCOMP's per-call host cost, not the link).
     retiring: tuple[torch.cuda.Event, list[Any]] | None = None
 
     def retire() -> None:
