@@ -50,6 +50,8 @@ VARIANTS = {
                   "ha with the image in 512 MiB chunks"),
     "prepin-13": ({}, ["--checkpoint-prepin", "13"],
                   "ha pinning 13 GiB at start: ~8B's compressed weights and KV kept"),
+    "prepin-12": ({}, ["--checkpoint-prepin", "12"],
+                  "ha pinning 12 GiB at start: what the ~8B image (1,845 blocks) packs into"),
     "ahead-1": ({"VLLM_HA_CHECKPOINT_UPLOAD_AHEAD": "1"}, ["--checkpoint-prepin"],
                 "ha uploading one chunk ahead of the decode (the tenth session's pipeline)"),
 }
