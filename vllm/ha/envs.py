@@ -80,24 +80,21 @@ def checkpoint_chunk_bytes() -> int | None:
     is compressed and restored in (default 128 MiB: nvCOMP is as fast on it as on
     more; a restore pays a fixed cost per chunk, so benchmarks try larger ones).
     Snapshots keep their own chunk size."""
-    raw = os.environ.get("VLLM_HA_CHECKPOINT_CHUNK_MIB")
-    if not raw:
-        return None
-    try:
-        mib = int(raw)
-    except ValueError:
-        mib = 0
-    if mib <= 0:
-        raise ValueError(f"VLLM_HA_CHECKPOINT_CHUNK_MIB={raw!r}: expected a positive "
-                         "number of MiB")
-    return mib << 20
+    mib = _positive_int("VLLM_HA_CHECKPOINT_CHUNK_MIB", "number of MiB")
+    return None if mib is None else mib << 20
 
 
 def checkpoint_upload_ahead() -> int | None:
     """``VLLM_HA_CHECKPOINT_UPLOAD_AHEAD``: how many chunks a ``/restore`` uploads
     ahead of the one it decodes (default 3; 1 is the previous pipeline, for
     benchmarks). Each holds up to a chunk of device memory while it waits."""
-    raw = os.environ.get("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD")
+    return _positive_int("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", "integer")
+
+
+def _positive_int(name: str, what: str) -> int | None:
+    """``name`` as a positive integer, None when unset; anything else is an error
+    naming the variable."""
+    raw = os.environ.get(name)
     if not raw:
         return None
     try:
@@ -105,5 +102,5 @@ def checkpoint_upload_ahead() -> int | None:
     except ValueError:
         n = 0
     if n <= 0:
-        raise ValueError(f"VLLM_HA_CHECKPOINT_UPLOAD_AHEAD={raw!r}: expected a positive integer")
+        raise ValueError(f"{name}={raw!r}: expected a positive {what}")
     return n
