@@ -145,6 +145,14 @@ def _max_per_phase(prefix: str, workers: list[dict[str, Any]]) -> dict[str, floa
     return out
 
 
+def _free_host_bytes() -> int:
+    """Host memory a checkpoint may pin: what is available, less the reserve left to
+    everything else (VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB)."""
+    import psutil
+
+    return psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+
+
 class CheckpointManager:
     """Drives one server's checkpoint lifecycle (one per API server process)."""
 
@@ -376,9 +384,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         nbytes = None if gib is None else int(gib * 2**30)
         if nbytes is not None:
-            import psutil
-
-            free = psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+            free = _free_host_bytes()
             if nbytes > free:
                 logger.error("--checkpoint-prepin %s: nothing pinned (%.1f GiB available "
                              "after VLLM_HA_CHECKPOINT_HOST_RESERVE_GIB); the first checkpoint "
@@ -404,12 +410,10 @@ class CheckpointManager:
         await self.client.resume_generation()
 
     def _check_host_memory(self, plan: dict[str, Any]) -> None:
-        import psutil
-
         # Worst case: nothing compresses; memory pinned by an earlier checkpoint (or
         # --checkpoint-prepin) is reused, and counts as used already.
         need = max(0, plan["weights_raw"] + plan["kv_raw"] - plan.get("host_pinned", 0))
-        free = psutil.virtual_memory().available - ha_envs.checkpoint_host_reserve()
+        free = _free_host_bytes()
         if need > free:
             raise CheckpointCallError(
                 507, f"not enough host memory: the checkpoint needs up to "
