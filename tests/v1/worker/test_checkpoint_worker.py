@@ -110,14 +110,20 @@ def test_cpu_offload_zeroes_and_restore_brings_every_kept_byte_back(codec):
         ckpt.restore()
 
 
+def encoded_chunks(codec: str, monkeypatch):
+    """A bf16 region in six 8 KiB chunks (an odd last one), encoded with ``codec``."""
+    monkeypatch.setattr(cw, "CHUNK_BYTES", 8192)
+    region = bf16_weights(5 * 4096 + 3).view(torch.uint8)[:-1]
+    c = cw.make_codec(codec, DEVICE)
+    chunks = [cw._encode(c, chunk, off, pin=ON_CUDA) for off, chunk in cw._chunks(region)]
+    return region, c, chunks
+
+
 @pytest.mark.parametrize("codec", CODECS)
 def test_write_back_decodes_each_chunk_into_its_target_then_runs_its_follow_up(
         codec, monkeypatch):
-    # The CUDA path uploads chunk i+1 while chunk i decodes; the CPU path one by one.
-    monkeypatch.setattr(cw, "CHUNK_BYTES", 8192)
-    region = bf16_weights(5 * 4096 + 3).view(torch.uint8)[:-1]  # an odd last chunk
-    c = cw.make_codec(codec, DEVICE)
-    chunks = [cw._encode(c, chunk, off, pin=ON_CUDA) for off, chunk in cw._chunks(region)]
+    # The CUDA path uploads chunks ahead while one decodes; the CPU path one by one.
+    region, c, chunks = encoded_chunks(codec, monkeypatch)
     out = torch.zeros_like(region)
     followed: list[tuple[int, torch.Tensor]] = []
     jobs = (cw.WriteBack(ch, lambda ch=ch: out[ch.offset:ch.offset + ch.nbytes],
@@ -290,10 +296,7 @@ def test_write_back_is_exact_however_far_it_uploads_ahead(depth, monkeypatch):
     """CUDA: chunks upload 1, 2 or 8 (more than there are) ahead of the decode, and
     retire a chunk late; every byte lands in its target."""
     monkeypatch.setenv("VLLM_HA_CHECKPOINT_UPLOAD_AHEAD", depth)
-    monkeypatch.setattr(cw, "CHUNK_BYTES", 8192)
-    region = bf16_weights(5 * 4096 + 3).view(torch.uint8)[:-1]
-    c = cw.make_codec(CODECS[-1], DEVICE)  # nvCOMP on CUDA
-    chunks = [cw._encode(c, chunk, off, pin=ON_CUDA) for off, chunk in cw._chunks(region)]
+    region, c, chunks = encoded_chunks(CODECS[-1], monkeypatch)  # nvCOMP on CUDA
     out = torch.zeros_like(region)
     jobs = (cw.WriteBack(ch, lambda ch=ch: out[ch.offset:ch.offset + ch.nbytes])
             for ch in chunks)
